@@ -1,0 +1,266 @@
+"""Path normalization and route patterns: how every route-matching layer sees a request path.
+
+All layers match on `request_path(scope)`, one canonical form of the raw request target, so no layer can be
+bypassed with `/%61dmin`, `//admin`, `/x/../admin` or `/admin%2Fusers`. The policy:
+
+- percent-encoded unreserved characters (RFC 3986 §2.3) are decoded; other escapes are kept, upper-cased;
+- empty segments (`//`) and `.` segments are dropped, `..` removes the previous segment (never above `/`);
+- an encoded slash `%2F` is, by `encoded_slash`: `"decode"` (default; a separator, as Starlette routes it),
+  `"keep"` (part of the segment) or `"reject"` (`InvalidPathError`);
+- a backslash, literal or `%5C`, is by `backslash`: `"keep"` (default; an ordinary character, kept as `%5C`),
+  `"slash"` (a separator, as some servers treat it) or `"reject"`;
+- an encoded NUL is always rejected; a stray `%` becomes `%25`; raw non-ASCII bytes are percent-encoded.
+
+Case is kept and a trailing slash is kept: both are the router's business.
+"""
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Generic, Literal, TypeVar
+
+from nexus_middleware.context import get_context
+from nexus_middleware.errors import ConfigurationError, InvalidPathError
+from nexus_middleware.types import Scope
+
+__all__ = [
+    "PathPattern",
+    "RouteTable",
+    "normalize_path",
+    "request_path",
+]
+
+SlashPolicy = Literal["decode", "keep", "reject"]
+BackslashPolicy = Literal["keep", "slash", "reject"]
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+# Bytes that may stand literally in a normalized path (RFC 3986 pchar plus "/", minus "%" and "\").
+_LITERAL = _UNRESERVED | frozenset(b"!$&'()*+,;=:@/")
+_SEPARATOR = 0x2F  # a path separator in the intermediate form; an encoded slash that is kept is re-escaped
+_KEPT_SLASH = -1
+
+
+def normalize_path(
+    raw: str | bytes,
+    *,
+    encoded_slash: SlashPolicy = "decode",
+    backslash: BackslashPolicy = "keep",
+) -> str:
+    """The canonical form of a raw (percent-encoded) request path. Raises `InvalidPathError`."""
+    data = raw.encode("latin-1", "replace") if isinstance(raw, str) else raw
+    if _is_clean(data):
+        return data.decode("ascii")
+    # Decode into a list of "units": a byte value, or _KEPT_SLASH for a %2F kept inside a segment.
+    units: list[int] = []
+    escaped: list[bool] = []  # whether the unit came from an escape, so it is re-escaped on output
+    i, n = 0, len(data)
+    while i < n:
+        byte = data[i]
+        if byte == 0x25 and i + 2 < n and data[i + 1] in _HEX and data[i + 2] in _HEX:
+            value = int(data[i + 1 : i + 3], 16)
+            i += 3
+            if value == 0:
+                raise InvalidPathError("the path holds an encoded NUL")
+            if value == _SEPARATOR:
+                if encoded_slash == "reject":
+                    raise InvalidPathError("the path holds an encoded slash")
+                if encoded_slash == "keep":
+                    units.append(_KEPT_SLASH)
+                    escaped.append(True)
+                    continue
+                units.append(_SEPARATOR)
+                escaped.append(False)
+                continue
+            units.append(value)
+            escaped.append(value not in _UNRESERVED)
+            continue
+        i += 1
+        if byte == 0:
+            raise InvalidPathError("the path holds a NUL byte")
+        units.append(byte)
+        escaped.append(byte not in _LITERAL or byte == 0x25)
+    segments: list[str] = []
+    current: list[str] = []
+    for unit, was_escaped in zip(units, escaped, strict=True):
+        if unit == 0x5C:
+            if backslash == "reject":
+                raise InvalidPathError("the path holds a backslash")
+            if backslash == "slash":
+                unit, was_escaped = _SEPARATOR, False
+        if unit == _SEPARATOR and not was_escaped:
+            _push(segments, "".join(current))
+            current = []
+        elif unit == _KEPT_SLASH:
+            current.append("%2F")
+        elif was_escaped:
+            current.append(f"%{unit:02X}")
+        else:
+            current.append(chr(unit))
+    last = "".join(current)
+    trailing = last == "" or last in (".", "..")
+    _push(segments, last)
+    path = "/" + "/".join(segments)
+    if trailing and segments:
+        path += "/"
+    return path
+
+
+def _push(segments: list[str], segment: str) -> None:
+    if segment in ("", "."):
+        return
+    if segment == "..":
+        if segments:
+            segments.pop()
+        return
+    segments.append(segment)
+
+
+def _is_clean(data: bytes) -> bool:
+    # The common case: already canonical, so normalization is one scan and no allocation.
+    if not data.startswith(b"/") or b"//" in data or b"/." in data:
+        return False
+    return all(byte in _LITERAL for byte in data)
+
+
+def request_path(scope: Scope) -> str:
+    """The normalized path of the request with the default policy, computed once per request.
+
+    Raises `InvalidPathError`; callers answer 400.
+    """
+    context = get_context(scope)
+    cached = context.extras.get("nexus.path")
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    raw = scope.get("raw_path")
+    if raw is None:
+        raw = scope.get("path", "/").encode("utf-8")
+    elif b"?" in raw:  # some servers include the query string
+        raw = raw.partition(b"?")[0]
+    path = normalize_path(raw)
+    context.extras["nexus.path"] = path
+    return path
+
+
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(str|int|path|uuid))?\}")
+_CONVERTERS = {
+    "str": "[^/]+",
+    "int": "[0-9]+",
+    "path": ".*",
+    "uuid": "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+}
+
+
+class PathPattern:
+    """A route pattern in Starlette's syntax, matched against normalized paths or route templates.
+
+    `/users/{id}` matches one segment, `{id:int}` digits, `{rest:path}` the remainder. A trailing `/*` matches
+    the prefix itself and everything below it (`/admin/*` covers `/admin` and `/admin/x/y`); `*` alone
+    matches every path. A route template such as `/users/{user_id}` also matches, so the same pattern works
+    before and after routing.
+    """
+
+    __slots__ = ("_regex", "is_static", "pattern")
+
+    def __init__(self, pattern: str) -> None:
+        if not pattern.startswith("/") and pattern != "*":
+            raise ConfigurationError(f"path pattern {pattern!r} must start with '/' or be '*'")
+        self.pattern = pattern
+        self.is_static = pattern != "*" and "{" not in pattern and not pattern.endswith("/*")
+        if pattern == "*":
+            self._regex = re.compile(r".*", re.DOTALL)
+            return
+        body = pattern[:-2] if pattern.endswith("/*") else pattern
+        regex, position = "", 0
+        for match in _PARAM.finditer(body):
+            regex += re.escape(body[position : match.start()])
+            regex += f"(?P<{match.group(1)}>{_CONVERTERS[match.group(2) or 'str']})"
+            position = match.end()
+        regex += re.escape(body[position:])
+        if pattern.endswith("/*"):
+            regex += "(?:/.*)?"
+        try:
+            self._regex = re.compile(regex, re.DOTALL)
+        except re.error as exc:
+            raise ConfigurationError(f"path pattern {pattern!r} is invalid: {exc}") from exc
+
+    def match(self, path: str) -> dict[str, str] | None:
+        """The path parameters when `path` matches the whole pattern, else None."""
+        if self.is_static:
+            return {} if path == self.pattern else None
+        found = self._regex.fullmatch(path)
+        return None if found is None else found.groupdict()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PathPattern) and other.pattern == self.pattern
+
+    def __hash__(self) -> int:
+        return hash(self.pattern)
+
+    def __repr__(self) -> str:
+        return f"PathPattern({self.pattern!r})"
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry(Generic[T]):
+    pattern: PathPattern
+    methods: frozenset[str] | None
+    value: T
+
+
+class RouteTable(Generic[T]):
+    """An ordered table of `(pattern, methods) -> value`; the first matching entry wins.
+
+    `methods=None` matches every method. Static patterns without a method filter are found by one dict lookup.
+    """
+
+    __slots__ = ("_entries", "_static")
+
+    def __init__(self, entries: Iterable[tuple[str, Iterable[str] | None, T]] = ()) -> None:
+        self._entries: list[_Entry[T]] = []
+        for pattern, methods, value in entries:
+            method_set = None if methods is None else frozenset(m.upper() for m in methods)
+            self._entries.append(_Entry(PathPattern(pattern), method_set, value))
+        # Index the leading run of static, method-less entries: ordering semantics are preserved because
+        # a path found there is matched by no earlier entry.
+        self._static: dict[str, T] = {}
+        for entry in self._entries:
+            if not entry.pattern.is_static or entry.methods is not None:
+                break
+            self._static.setdefault(entry.pattern.pattern, entry.value)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, path: str, method: str | None = None) -> T | None:
+        found = self.match(path, method)
+        return None if found is None else found[0]
+
+    def match(self, path: str, method: str | None = None) -> tuple[T, Mapping[str, str]] | None:
+        """The first matching value with its path parameters, or None."""
+        static = self._static.get(path)
+        if static is not None:
+            return static, {}
+        for entry in self._entries:
+            if entry.methods is not None and method is not None and method.upper() not in entry.methods:
+                continue
+            params = entry.pattern.match(path)
+            if params is not None:
+                return entry.value, params
+        return None
+
+    def allowed_methods(self, path: str) -> frozenset[str] | None:
+        """The union of methods of entries matching `path` (None: any method), for 405 `Allow` headers."""
+        methods: set[str] = set()
+        matched = False
+        for entry in self._entries:
+            if entry.pattern.match(path) is None:
+                continue
+            matched = True
+            if entry.methods is None:
+                return None
+            methods |= entry.methods
+        return frozenset(methods) if matched else frozenset()

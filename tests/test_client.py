@@ -1,0 +1,106 @@
+import pytest
+
+from nexus_middleware.client import ClientAddressResolver, normalize_ip
+from nexus_middleware.errors import ConfigurationError
+from tests.support.asgi import make_scope
+
+TRUSTED = ["10.0.0.0/8", "::1"]
+
+
+@pytest.mark.parametrize(
+    ("peer", "xff", "trusted", "expected"),
+    [
+        # Untrusted peer: forwarding headers are ignored, whatever they say.
+        ("203.0.113.7", ["1.1.1.1"], TRUSTED, "203.0.113.7"),
+        ("203.0.113.7", ["1.1.1.1"], [], "203.0.113.7"),
+        # Trusted peer: the right-most untrusted hop wins; spoofed left entries are ignored.
+        ("10.0.0.1", ["198.51.100.1"], TRUSTED, "198.51.100.1"),
+        ("10.0.0.1", ["6.6.6.6, 198.51.100.1"], TRUSTED, "198.51.100.1"),
+        ("10.0.0.1", ["6.6.6.6, 198.51.100.1, 10.0.0.9"], TRUSTED, "198.51.100.1"),
+        ("10.0.0.1", ["6.6.6.6", "198.51.100.1, 10.0.0.9"], TRUSTED, "198.51.100.1"),  # several header lines
+        # Junk is skipped without errors.
+        ("10.0.0.1", ["198.51.100.1, unknown, garbage"], TRUSTED, "198.51.100.1"),
+        ("10.0.0.1", ["junk"], TRUSTED, "10.0.0.1"),
+        ("10.0.0.1", [], TRUSTED, "10.0.0.1"),
+        # Ports, brackets and IPv4-mapped IPv6 are normalized.
+        ("10.0.0.1", ["198.51.100.1:4711"], TRUSTED, "198.51.100.1"),
+        ("10.0.0.1", ["[2001:db8::1]:443"], TRUSTED, "2001:db8::1"),
+        ("::1", ["::ffff:198.51.100.1"], TRUSTED, "198.51.100.1"),
+        ("::ffff:203.0.113.7", [], TRUSTED, "203.0.113.7"),
+        # Every hop trusted: the left-most one is the client.
+        ("10.0.0.1", ["10.1.1.1, 10.2.2.2"], TRUSTED, "10.1.1.1"),
+        # "*" trusts every peer (only behind a proxy that always overwrites the header).
+        ("203.0.113.7", ["198.51.100.1"], ["*"], "198.51.100.1"),
+    ],
+)
+def test_x_forwarded_for(peer: str, xff: list[str], trusted: list[str], expected: str) -> None:
+    resolver = ClientAddressResolver(trusted_proxies=trusted)
+    scope = make_scope(headers=[("x-forwarded-for", v) for v in xff], client=(peer, 1234))
+    assert resolver.resolve(scope) == expected
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ('for=198.51.100.1;proto=https, for="[2001:db8::2]:8080"', "2001:db8::2"),
+        ("for=198.51.100.1, for=10.0.0.5", "198.51.100.1"),
+        ("for=_hidden, for=198.51.100.3", "198.51.100.3"),
+        ("for=unknown", "10.0.0.1"),
+        ("proto=https", "10.0.0.1"),
+    ],
+)
+def test_forwarded_header(header: str, expected: str) -> None:
+    resolver = ClientAddressResolver(trusted_proxies=TRUSTED, header="forwarded")
+    scope = make_scope(headers=[("forwarded", header)], client=("10.0.0.1", 1))
+    assert resolver.resolve(scope) == expected
+
+
+def test_forwarded_is_ignored_when_xff_is_configured() -> None:
+    # Believing a header the proxy never writes would let a client pick its own address.
+    resolver = ClientAddressResolver(trusted_proxies=TRUSTED)
+    scope = make_scope(headers=[("forwarded", "for=6.6.6.6")], client=("10.0.0.1", 1))
+    assert resolver.resolve(scope) == "10.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("hops", "xff", "expected"),
+    [
+        (0, "1.1.1.1, 2.2.2.2", "203.0.113.7"),
+        (1, "1.1.1.1, 2.2.2.2", "2.2.2.2"),
+        (2, "1.1.1.1, 2.2.2.2", "1.1.1.1"),
+        (5, "1.1.1.1, 2.2.2.2", "1.1.1.1"),
+        (1, "junk", "203.0.113.7"),
+        (1, None, "203.0.113.7"),
+    ],
+)
+def test_trusted_hops(hops: int, xff: str | None, expected: str) -> None:
+    resolver = ClientAddressResolver(trusted_hops=hops)
+    headers = [("x-forwarded-for", xff)] if xff else []
+    assert resolver.resolve(make_scope(headers=headers)) == expected
+
+
+def test_no_peer_resolves_to_none() -> None:
+    assert ClientAddressResolver().resolve(make_scope(client=None)) is None
+    assert ClientAddressResolver().resolve(make_scope(client=("not-an-ip", 0))) is None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"trusted_proxies": ["nonsense"]},
+        {"trusted_proxies": ["10.0.0.0/8"], "trusted_hops": 1},
+        {"trusted_hops": -1},
+        {"header": "x-real-ip"},
+    ],
+)
+def test_invalid_configuration(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError):
+        ClientAddressResolver(**kwargs)  # type: ignore[arg-type]
+
+
+def test_repr_and_normalize_ip() -> None:
+    assert "10.0.0.0/8" in repr(ClientAddressResolver(trusted_proxies=["10.0.0.0/8", "*"]))
+    assert normalize_ip("[::ffff:1.2.3.4]:80") == "1.2.3.4"
+    assert normalize_ip("fe80::1%eth0") == "fe80::1"
+    assert normalize_ip("") is None
+    assert normalize_ip("[broken") is None

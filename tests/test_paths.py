@@ -1,0 +1,165 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nexus_middleware.errors import ConfigurationError, InvalidPathError
+from nexus_middleware.paths import PathPattern, RouteTable, normalize_path, request_path
+from tests.support.asgi import make_scope
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("/", "/"),
+        ("", "/"),
+        ("/admin", "/admin"),
+        ("/%61dmin", "/admin"),
+        ("/%2561dmin", "/%2561dmin"),  # double encoding is not decoded twice
+        ("//admin", "/admin"),
+        ("///admin//users", "/admin/users"),
+        ("/x/../admin", "/admin"),
+        ("/x/%2e%2e/admin", "/admin"),
+        ("/x/%2E%2E/admin", "/admin"),
+        ("/./admin/.", "/admin/"),
+        ("/../../admin", "/admin"),
+        ("/a/b/..", "/a/"),
+        ("/admin/", "/admin/"),
+        ("/admin%2Fusers", "/admin/users"),
+        ("/a%20b", "/a%20b"),
+        ("/a%2fb%3f", "/a/b%3F"),
+        ("/caf%c3%a9", "/caf%C3%A9"),
+        ("/100%", "/100%25"),
+        ("/%zz", "/%25zz"),
+        ("/a\\b", "/a%5Cb"),
+        ("/a%5cb", "/a%5Cb"),
+        ("/a;b=c,d@e:f", "/a;b=c,d@e:f"),
+        ("@host/x", "/@host/x"),
+        ("/.well-known/x", "/.well-known/x"),
+        ("/ADMIN", "/ADMIN"),
+    ],
+)
+def test_normalize_path_default_policy(raw: str, expected: str) -> None:
+    assert normalize_path(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "options", "expected"),
+    [
+        ("/admin%2Fusers", {"encoded_slash": "keep"}, "/admin%2Fusers"),
+        ("/a%2F..%2Fadmin", {"encoded_slash": "keep"}, "/a%2F..%2Fadmin"),
+        ("/a%2F..%2Fadmin", {"encoded_slash": "decode"}, "/admin"),
+        ("/a\\..\\admin", {"backslash": "slash"}, "/admin"),
+        ("/a%5C..%5Cadmin", {"backslash": "slash"}, "/admin"),
+    ],
+)
+def test_normalize_path_policies(raw: str, options: dict[str, str], expected: str) -> None:
+    assert normalize_path(raw, **options) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("raw", "options"),
+    [
+        ("/a%00b", {}),
+        (b"/a\x00b", {}),
+        ("/a%2Fb", {"encoded_slash": "reject"}),
+        ("/a\\b", {"backslash": "reject"}),
+        ("/a%5cb", {"backslash": "reject"}),
+    ],
+)
+def test_normalize_path_rejects(raw: str | bytes, options: dict[str, str]) -> None:
+    with pytest.raises(InvalidPathError):
+        normalize_path(raw, **options)  # type: ignore[arg-type]
+
+
+def test_raw_non_ascii_bytes_are_percent_encoded() -> None:
+    assert normalize_path("/café".encode()) == "/caf%C3%A9"
+
+
+@given(st.text(alphabet="/.%2aAfF\\x", max_size=30))
+def test_normalization_is_idempotent_and_rooted(raw: str) -> None:
+    try:
+        once = normalize_path(raw)
+    except InvalidPathError:
+        return
+    assert once.startswith("/")
+    assert "//" not in once
+    assert "/../" not in once + "/" and "/./" not in once + "/"
+    assert normalize_path(once) == once
+
+
+def test_request_path_uses_raw_path_and_caches_in_context() -> None:
+    scope = make_scope("/admin", raw_path=b"/x/../%61dmin")
+    assert request_path(scope) == "/admin"
+    scope["raw_path"] = b"/changed"
+    assert request_path(scope) == "/admin"
+
+
+def test_request_path_without_raw_path_and_with_query() -> None:
+    scope = make_scope("/a//b")
+    del scope["raw_path"]
+    assert request_path(scope) == "/a/b"
+    assert request_path(make_scope("/q", raw_path=b"/q?x=1")) == "/q"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "expected"),
+    [
+        ("/users", "/users", {}),
+        ("/users", "/users/", None),
+        ("/users/{id}", "/users/42", {"id": "42"}),
+        ("/users/{id}", "/users/42/x", None),
+        ("/users/{id:int}", "/users/abc", None),
+        ("/users/{id:int}", "/users/7", {"id": "7"}),
+        ("/files/{rest:path}", "/files/a/b/c", {"rest": "a/b/c"}),
+        (
+            "/u/{id:uuid}",
+            "/u/12345678-1234-1234-1234-1234567890ab",
+            {"id": "12345678-1234-1234-1234-1234567890ab"},
+        ),
+        ("/admin/*", "/admin", {}),
+        ("/admin/*", "/admin/x/y", {}),
+        ("/admin/*", "/administrator", None),
+        ("*", "/anything/at/all", {}),
+        ("/users/{id}", "/users/{user_id}", {"id": "{user_id}"}),  # a route template matches too
+        ("/a.b", "/aXb", None),  # regex characters are literal
+    ],
+)
+def test_path_pattern(pattern: str, path: str, expected: dict[str, str] | None) -> None:
+    assert PathPattern(pattern).match(path) == expected
+
+
+def test_path_pattern_validation_and_identity() -> None:
+    with pytest.raises(ConfigurationError):
+        PathPattern("users")
+    assert PathPattern("/a") == PathPattern("/a")
+    assert hash(PathPattern("/a")) == hash(PathPattern("/a"))
+    assert PathPattern("/a") != "/a"
+    assert repr(PathPattern("/a")) == "PathPattern('/a')"
+
+
+def test_route_table_first_match_methods_and_allow() -> None:
+    table = RouteTable[str](
+        [
+            ("/health", None, "health"),
+            ("/users/{id}", ["get"], "read"),
+            ("/users/{id}", ["PUT", "DELETE"], "write"),
+            ("/admin/*", None, "admin"),
+            ("*", None, "default"),
+        ]
+    )
+    assert len(table) == 5
+    assert table.lookup("/health") == "health"
+    assert table.lookup("/users/1", "GET") == "read"
+    assert table.lookup("/users/1", "PUT") == "write"
+    assert table.lookup("/users/1", "POST") == "default"
+    assert table.match("/users/1", "GET") == ("read", {"id": "1"})
+    assert table.lookup("/admin/x") == "admin"
+    assert table.allowed_methods("/health") is None
+    assert RouteTable[str]([("/u/{id}", ["GET"], "r"), ("/u/{id}", ["PUT"], "w")]).allowed_methods(
+        "/u/1"
+    ) == {
+        "GET",
+        "PUT",
+    }
+    assert RouteTable[str]([("/u", ["GET"], "r")]).allowed_methods("/x") == frozenset()
+    assert RouteTable[str]([("/u", ["GET"], "r")]).lookup("/x") is None
