@@ -19,4 +19,6 @@ def test_base_http_middleware(benchmark: Any, driver: Driver) -> None:
     async def dispatch(request: Any, call_next: Any) -> Any:
         return await call_next(request)
 
-    bench(benchmark, driver, "starlette BaseHTTPMiddleware (reference)", BaseHTTPMiddleware(bare_app, dispatch))
+    bench(
+        benchmark, driver, "starlette BaseHTTPMiddleware (reference)", BaseHTTPMiddleware(bare_app, dispatch)
+    )

@@ -5,7 +5,8 @@ the end prints, per group, the median cost per request in microseconds and the o
 next to the reference rows (a no-op pure-ASGI wrapper and Starlette's `BaseHTTPMiddleware`). Read the
 ratios, not the absolute times: this machine is shared and noisy.
 
-Run: `pytest benchmarks --no-cov` (CI runs a quick mode: `--benchmark-max-time=0.05 --benchmark-min-rounds=3`).
+Run: `pytest benchmarks --no-cov`; CI runs a quick mode
+(`--benchmark-max-time=0.05 --benchmark-min-rounds=3`).
 """
 
 import asyncio
@@ -33,7 +34,9 @@ _HEADERS = [
 ]
 
 
-def make_http_scope(path: str = "/api/items/42", *, headers: list[tuple[bytes, bytes]] | None = None) -> Scope:
+def make_http_scope(
+    path: str = "/api/items/42", *, headers: list[tuple[bytes, bytes]] | None = None
+) -> Scope:
     return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
@@ -53,7 +56,9 @@ def make_http_scope(path: str = "/api/items/42", *, headers: list[tuple[bytes, b
 
 async def bare_app(scope: Scope, receive: Receive, send: Send) -> None:
     await receive()
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
+    )
     await send({"type": "http.response.body", "body": b"{}"})
 
 
@@ -73,7 +78,9 @@ class Driver:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
 
-    def runner(self, app: ASGIApp, scope_factory: Callable[[], Scope] = make_http_scope) -> Callable[[], None]:
+    def runner(
+        self, app: ASGIApp, scope_factory: Callable[[], Scope] = make_http_scope
+    ) -> Callable[[], None]:
         body: Message = {"type": "http.request", "body": b"{}", "more_body": False}
 
         async def receive() -> Message:
@@ -134,5 +141,5 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
                 overhead = micros - baseline
                 line += f"   +{overhead:7.2f} µs over bare"
                 if noop_overhead and noop_overhead > 0:
-                    line += f"   ({overhead / noop_overhead:5.1f}× the no-op wrapper)"
+                    line += f"   ({overhead / noop_overhead:5.1f}x the no-op wrapper)"
             terminalreporter.write_line(line)

@@ -1,3 +1,3 @@
-"""sample_gateway: the reference gateway that composes nexus-middleware in front of a streaming reverse proxy."""
+"""sample_gateway: the reference gateway, nexus-middleware composed in front of a streaming reverse proxy."""
 
 __all__: list[str] = []
