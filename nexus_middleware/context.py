@@ -27,6 +27,7 @@ __all__ = [
     "current_request_id",
     "get_context",
     "peek_context",
+    "publish_principal",
     "route_template",
 ]
 
@@ -148,6 +149,17 @@ def bind_context(context: RequestContext) -> Iterator[RequestContext]:
         yield context
     finally:
         _current.reset(token)
+
+
+def publish_principal(scope: Scope, principal: Principal) -> None:
+    """Publish who is calling: in the request context, and as `scope["user"]` and `scope["auth"]`.
+
+    Starlette's `request.user` reads `scope["user"]` (Principal has `is_authenticated`, `display_name`)
+    and its `requires()` checks `scope in request.auth.scopes`, which `Principal.scopes` answers.
+    """
+    get_context(scope).principal = principal
+    scope["user"] = principal
+    scope["auth"] = principal
 
 
 def current_context() -> RequestContext | None:

@@ -15,6 +15,7 @@ from nexus_middleware.context import (
     current_request_id,
     get_context,
     peek_context,
+    publish_principal,
     route_template,
 )
 from nexus_middleware.types import Receive, Scope, Send
@@ -97,3 +98,25 @@ def test_route_template_prefers_the_context() -> None:
     scope = make_scope()
     get_context(scope).route = "/from/context"
     assert route_template(scope) == "/from/context"
+
+
+async def test_publish_principal_is_seen_by_starlette_request_user_and_requires() -> None:
+    from starlette.authentication import requires
+
+    @requires("orders:read")
+    async def endpoint(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(f"{request.user.display_name}:{request.state.nexus.principal.tenant}")
+
+    def authenticate(app, principal: Principal):
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            publish_principal(scope, principal)
+            await app(scope, receive, send)
+
+        return middleware
+
+    app = Starlette(routes=[Route("/orders", endpoint)])
+    allowed = Principal("alice", method="jwt", tenant="acme", scopes=frozenset({"orders:read"}))
+    recorded = await run_asgi(authenticate(app, allowed), make_scope("/orders"))
+    assert (recorded.status, recorded.body) == (200, b"alice:acme")
+    denied = await run_asgi(authenticate(app, Principal("bob", method="jwt")), make_scope("/orders"))
+    assert denied.status == 403
