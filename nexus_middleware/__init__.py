@@ -4,6 +4,7 @@ from nexus_middleware.client import ClientAddressResolver
 from nexus_middleware.clock import Clock, ManualClock, SystemClock
 from nexus_middleware.context import Decision, Principal, RequestContext, current_context, get_context
 from nexus_middleware.errors import ConfigurationError, NexusError
+from nexus_middleware.exceptions import ProblemDetailsMiddleware
 from nexus_middleware.paths import PathPattern, RouteTable, normalize_path
 from nexus_middleware.problem import Problem, send_problem
 
@@ -17,6 +18,7 @@ __all__ = [
     "PathPattern",
     "Principal",
     "Problem",
+    "ProblemDetailsMiddleware",
     "RequestContext",
     "RouteTable",
     "SystemClock",
