@@ -5,6 +5,7 @@ from nexus_middleware.client import ClientAddressResolver
 from nexus_middleware.clock import Clock, ManualClock, SystemClock
 from nexus_middleware.context import Decision, Principal, RequestContext, current_context, get_context
 from nexus_middleware.errors import ConfigurationError, NexusError
+from nexus_middleware.introspection import IntrospectionMiddleware, IntrospectionPolicy
 from nexus_middleware.jwks import JWKSCache, JWKSPolicy
 from nexus_middleware.jwt_auth import JWTAuthMiddleware, JWTIssuer, JWTPolicy, RevocationList
 from nexus_middleware.paths import PathPattern, RouteTable, normalize_path
@@ -16,6 +17,8 @@ __all__ = [
     "Clock",
     "ConfigurationError",
     "Decision",
+    "IntrospectionMiddleware",
+    "IntrospectionPolicy",
     "JWKSCache",
     "JWKSPolicy",
     "JWTAuthMiddleware",

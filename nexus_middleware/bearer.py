@@ -15,6 +15,8 @@ from types import MappingProxyType
 from typing import Any, Literal, get_args
 from urllib.parse import unquote_to_bytes
 
+import httpx
+
 from nexus_middleware.context import ANONYMOUS, AuthMethod, Principal, get_context, publish_principal
 from nexus_middleware.errors import (
     ConfigurationError,
@@ -34,6 +36,8 @@ __all__ = [
     "TokenCache",
     "TokenLocation",
     "claim_at",
+    "new_http_client",
+    "read_limited",
     "token_digest",
 ]
 
@@ -344,3 +348,24 @@ def _query_values(query: bytes, name: str) -> list[bytes]:
         if sep and unquote_to_bytes(key) == wanted and content:
             found.append(unquote_to_bytes(content.replace(b"+", b" ")))
     return found
+
+
+def new_http_client(timeout: float) -> httpx.AsyncClient:
+    """The client an authenticator creates on first use when none was injected: no redirects, no proxy
+    settings from the environment (the library reads no environment)."""
+    return httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+
+
+async def read_limited(response: httpx.Response, limit: int) -> bytes:
+    """The (decoded) body of a streamed 200 response, refused as soon as it grows past `limit` bytes."""
+    if response.status_code != 200:
+        raise ValueError(f"status {response.status_code}")
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ValueError(f"a body of {declared} bytes exceeds {limit}")
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise ValueError(f"the body exceeds {limit} bytes")
+    return bytes(body)

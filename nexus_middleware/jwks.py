@@ -24,6 +24,7 @@ import httpx
 from joserfc import jwk
 from joserfc.errors import JoseError
 
+from nexus_middleware.bearer import new_http_client, read_limited
 from nexus_middleware.clock import SYSTEM_CLOCK, Clock
 from nexus_middleware.errors import ConfigurationError, VerifierUnavailableError
 
@@ -162,26 +163,11 @@ class JWKSCache:
         return True
 
     async def _download(self) -> tuple[bytes, str]:
-        client = self._client
-        if client is None:
-            client = self._client = httpx.AsyncClient(
-                timeout=self._policy.timeout, follow_redirects=False, trust_env=False
-            )
-        limit = self._policy.max_bytes
-        async with client.stream("GET", self.url, headers=_ACCEPT) as response:
-            if response.status_code != 200:
-                raise _JunkError(f"status {response.status_code}")
-            declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > limit:
-                raise _JunkError(f"body of {declared} bytes exceeds {limit}")
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > limit:
-                    raise _JunkError(f"body exceeds {limit} bytes")
-                chunks.append(chunk)
-            return b"".join(chunks), response.headers.get("cache-control", "")
+        if self._client is None:
+            self._client = new_http_client(self._policy.timeout)
+        async with self._client.stream("GET", self.url, headers=_ACCEPT) as response:
+            body = await read_limited(response, self._policy.max_bytes)
+            return body, response.headers.get("cache-control", "")
 
     def _parse(self, body: bytes) -> list[jwk.Key]:
         try:

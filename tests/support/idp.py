@@ -98,7 +98,8 @@ class JWKSApp:
 class IntrospectionApp:
     """RFC 7662 endpoint: `tokens` maps a token to its introspection answer; others are inactive.
 
-    Requires HTTP Basic client authentication with `client_id`/`client_secret` (401 otherwise).
+    Requires client authentication with `client_id`/`client_secret`, by HTTP Basic (both form-encoded, RFC
+    6749 §2.3.1) or in the form body; 401 otherwise.
     """
 
     tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -126,7 +127,10 @@ class IntrospectionApp:
         if self.delay:
             await asyncio.sleep(self.delay)
         authorization = dict(scope["headers"]).get(b"authorization", b"")
-        if authorization != basic(self.client_id, self.client_secret):
+        posted = form.get("client_id") == [self.client_id] and form.get("client_secret") == [
+            self.client_secret
+        ]
+        if authorization != basic(self.client_id, self.client_secret) and not posted:
             await _json(send, 401, {"error": "invalid_client"})
             return
         if self.body is not None:
