@@ -17,7 +17,14 @@ from urllib.parse import unquote_to_bytes
 
 import httpx
 
-from nexus_middleware.context import ANONYMOUS, AuthMethod, Principal, get_context, publish_principal
+from nexus_middleware.context import (
+    ANONYMOUS,
+    AuthMethod,
+    Decision,
+    Principal,
+    get_context,
+    publish_principal,
+)
 from nexus_middleware.errors import (
     ConfigurationError,
     InvalidPathError,
@@ -194,7 +201,7 @@ Authenticate = Callable[[bytes, Scope], Awaitable[Principal]]
 class BearerGate:
     """The request flow shared by the bearer authenticators: mode, token, authenticate, publish or refuse."""
 
-    __slots__ = ("_authenticate", "_challenge", "_default", "_location", "_method", "_routes")
+    __slots__ = ("_allow", "_authenticate", "_challenge", "_default", "_location", "_method", "_routes")
 
     def __init__(
         self,
@@ -220,6 +227,8 @@ class BearerGate:
         self._default = default
         self._location = location
         self._challenge = "Bearer" if realm is None else f'Bearer realm="{realm}"'
+        # Decisions are immutable, so the hot path appends one built here instead of building one per request.
+        self._allow = Decision(_LAYER, "allow", details=MappingProxyType({"method": method}))
 
     def challenge(self, error: str | None = None, description: str | None = None, **params: str) -> bytes:
         """An RFC 6750 `WWW-Authenticate` value; no `error` when no token was presented (§3.1)."""
@@ -241,8 +250,8 @@ class BearerGate:
     def token(self, scope: Scope) -> bytes | None:
         """The presented token, or None. Raises `InvalidTokenError("invalid_request")` when ambiguous."""
         headers = scope["headers"]
-        values = get_headers(headers, b"authorization")
         found: list[bytes] = []
+        values = get_headers(headers, b"authorization")
         if values:
             if len(values) > 1:
                 raise InvalidTokenError("invalid_request", "More than one Authorization header")
@@ -253,6 +262,8 @@ class BearerGate:
                     raise InvalidTokenError("invalid_request", "The Bearer credentials are empty")
                 found.append(credentials)
         location = self._location
+        if location.cookie is None and location.query is None:
+            return found[0] if found else None
         if location.cookie is not None:
             found.extend(_cookie_values(headers, location.cookie))
         if location.query is not None:
@@ -306,7 +317,7 @@ class BearerGate:
             )
             return
         publish_principal(scope, principal)
-        context.record(_LAYER, "allow", method=self._method)
+        context.decisions.append(self._allow)
         await app(scope, receive, send)
 
     async def _refuse(
