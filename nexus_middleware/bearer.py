@@ -54,6 +54,7 @@ AuthMode = Literal["required", "optional", "exempt"]
 _MODES = frozenset(get_args(AuthMode))
 _LAYER = "auth"
 _UNAVAILABLE_RETRY_AFTER = b"5"
+_ANONYMOUS_DETAILS: Mapping[str, Any] = MappingProxyType({"method": "anonymous"})
 
 
 def claim_at(claims: Mapping[str, Any], path: str) -> Any:
@@ -201,7 +202,16 @@ Authenticate = Callable[[bytes, Scope], Awaitable[Principal]]
 class BearerGate:
     """The request flow shared by the bearer authenticators: mode, token, authenticate, publish or refuse."""
 
-    __slots__ = ("_allow", "_authenticate", "_challenge", "_default", "_location", "_method", "_routes")
+    __slots__ = (
+        "_allow",
+        "_anonymous",
+        "_authenticate",
+        "_challenge",
+        "_default",
+        "_location",
+        "_method",
+        "_routes",
+    )
 
     def __init__(
         self,
@@ -229,6 +239,7 @@ class BearerGate:
         self._challenge = "Bearer" if realm is None else f'Bearer realm="{realm}"'
         # Decisions are immutable, so the hot path appends one built here instead of building one per request.
         self._allow = Decision(_LAYER, "allow", details=MappingProxyType({"method": method}))
+        self._anonymous = Decision(_LAYER, "allow", reason="anonymous", details=_ANONYMOUS_DETAILS)
 
     def challenge(self, error: str | None = None, description: str | None = None, **params: str) -> bytes:
         """An RFC 6750 `WWW-Authenticate` value; no `error` when no token was presented (§3.1)."""
@@ -286,16 +297,8 @@ class BearerGate:
         context = get_context(scope)
         try:
             token = self.token(scope)
-            if token is None:
-                if mode == "optional":
-                    publish_principal(scope, ANONYMOUS)
-                    context.record(_LAYER, "allow", reason="anonymous", method="anonymous")
-                    await app(scope, receive, send)
-                    return
-                context.record(_LAYER, "deny", reason="missing_credentials", method=self._method)
-                await self._refuse(scope, send, 401, "Authentication is required", self.challenge())
-                return
-            principal = await self._authenticate(token, scope)
+            # The app runs outside this try: its own exceptions must propagate, never become a refusal.
+            principal = None if token is None else await self._authenticate(token, scope)
         except InvalidTokenError as exc:
             context.record(_LAYER, "deny", reason=exc.reason, method=self._method)
             if exc.reason == "invalid_request":
@@ -316,8 +319,16 @@ class BearerGate:
                 layer=_LAYER,
             )
             return
-        publish_principal(scope, principal)
-        context.decisions.append(self._allow)
+        if principal is not None:
+            publish_principal(scope, principal)
+            context.decisions.append(self._allow)
+        elif mode == "optional":
+            publish_principal(scope, ANONYMOUS)
+            context.decisions.append(self._anonymous)
+        else:
+            context.record(_LAYER, "deny", reason="missing_credentials", method=self._method)
+            await self._refuse(scope, send, 401, "Authentication is required", self.challenge())
+            return
         await app(scope, receive, send)
 
     async def _refuse(

@@ -19,7 +19,7 @@ from nexus_middleware import (
 )
 from nexus_middleware.clock import ManualClock
 from nexus_middleware.context import ANONYMOUS, get_context
-from nexus_middleware.errors import ConfigurationError
+from nexus_middleware.errors import ConfigurationError, InvalidTokenError
 from nexus_middleware.storage import MemoryStore, RedisStore, redis_client_from_url
 from nexus_middleware.types import Receive, Scope, Send
 from tests.support.asgi import make_scope, run_asgi
@@ -613,3 +613,21 @@ async def test_app_exceptions_propagate(ec_key: ECKey, clock: ManualClock) -> No
     app = JWTAuthMiddleware(boom, issuers=[issuer_for(ec_key)], clock=clock)
     with pytest.raises(RuntimeError, match="app failure"):
         await call(app, mint(ec_key, now=NOW))
+
+
+@pytest.mark.parametrize("default", ["required", "optional"])
+async def test_app_auth_errors_are_never_turned_into_refusals(
+    default: str, ec_key: ECKey, clock: ManualClock
+) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise InvalidTokenError("invalid_token", "raised by the app")
+
+    wrapped = JWTAuthMiddleware(app, issuers=[issuer_for(ec_key)], clock=clock, default=default)  # type: ignore[arg-type]
+    token = mint(ec_key, now=NOW) if default == "required" else None
+    scope = make_scope("/", headers=[] if token is None else bearer(token))
+    with pytest.raises(InvalidTokenError, match="raised by the app"):
+        await run_asgi(wrapped, scope)
+    decision = get_context(scope).decision("auth")
+    assert decision is not None
+    assert decision.outcome == "allow"
+    assert decision.reason == (None if token else "anonymous")
