@@ -269,3 +269,29 @@ def test_policy_is_validated(options: dict[str, Any]) -> None:
 def test_url_is_validated() -> None:
     with pytest.raises(ConfigurationError):
         JWKSCache("file:///etc/passwd")
+
+
+async def test_jku_and_x5u_headers_are_never_fetched(
+    clock: ManualClock, http_client: httpx.AsyncClient
+) -> None:
+    genuine, attacker = new_key("k1"), new_key("k1")
+    trusted = JWKSApp(keys=[genuine])
+    evil = JWKSApp(keys=[attacker])
+    async with serve(trusted) as url, serve(evil) as evil_url:
+        app = protected(url, clock, http_client)
+        for header in ({"jku": evil_url}, {"x5u": evil_url}, {"jwk": attacker.as_dict(private=False)}):
+            assert await status(app, mint(attacker, now=NOW, header=header)) == 401
+        assert evil.hits == 0
+        assert trusted.hits == 1
+
+
+async def test_token_without_kid_tries_every_published_key(
+    clock: ManualClock, http_client: httpx.AsyncClient
+) -> None:
+    first, second = new_key("a"), new_key("b")
+    keys = JWKSApp(keys=[first, second])
+    kidless = ECKey.import_key({k: v for k, v in second.as_dict(private=True).items() if k != "kid"})
+    async with serve(keys) as url:
+        app = protected(url, clock, http_client)
+        assert await status(app, mint(kidless, now=NOW)) == 200
+        assert await status(app, mint(ECKey.generate_key("P-256"), now=NOW)) == 401
