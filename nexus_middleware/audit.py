@@ -112,6 +112,7 @@ class _QueuedSink:
         self._queue: asyncio.Queue[AuditRecord] = asyncio.Queue(maxsize=policy.max_queue)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._more = asyncio.Event()  # set when records arrive or the sink closes: a batch need not wait
         self.dropped = 0  # records refused because the queue was full or the sink closed
         self.failed = 0  # records given up on after the retries
         self.delivered = 0
@@ -125,6 +126,7 @@ class _QueuedSink:
         except asyncio.QueueFull:
             self.dropped += 1
             return
+        self._more.set()
         if self._task is None:
             self.start()
 
@@ -135,22 +137,29 @@ class _QueuedSink:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        queue, policy = self._queue, self.policy
         while True:
-            batch = [await self._queue.get()]
-            deadline = loop.time() + self.policy.flush_interval
-            while len(batch) < self.policy.batch_size:
-                remaining = deadline - loop.time()
-                if remaining <= 0 and self._queue.empty():
-                    break
+            batch = [await queue.get()]
+            deadline = loop.time() + policy.flush_interval
+            while len(batch) < policy.batch_size:
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), timeout=max(remaining, 0)))
+                    batch.append(queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - loop.time()
+                if remaining <= 0 or self._closed:
+                    break
+                self._more.clear()
+                try:
+                    await asyncio.wait_for(self._more.wait(), timeout=remaining)
                 except TimeoutError:
                     break
             try:
                 await self._deliver_with_retries(batch)
             finally:
                 for _ in batch:
-                    self._queue.task_done()
+                    queue.task_done()
 
     async def _deliver_with_retries(self, batch: list[AuditRecord]) -> None:
         policy = self.policy
@@ -176,6 +185,7 @@ class _QueuedSink:
     async def aclose(self) -> None:
         """Stop accepting records, deliver what is queued within `close_timeout` seconds, stop the task."""
         self._closed = True
+        self._more.set()
         task, self._task = self._task, None
         if task is not None:
             try:

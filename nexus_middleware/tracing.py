@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from nexus_middleware.context import get_context, route_template
 from nexus_middleware.errors import ConfigurationError
-from nexus_middleware.types import ASGIApp, Receive, Scope, Send
+from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -107,8 +107,19 @@ class TracingMiddleware:
         context = get_context(scope)
         if span_context.is_valid and context.trace_id is None:
             context.trace_id = _trace_id_hex(span_context.trace_id)
-        try:
+        if not span.is_recording():
             await self.app(scope, receive, send)
+            return
+
+        # The instrumentation ends the span with the last body message: name it when the response starts,
+        # when the router has matched and the layers have decided.
+        async def annotating_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self._annotate(span, scope)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, annotating_send)
         finally:
             if span.is_recording():
                 self._annotate(span, scope)
