@@ -59,6 +59,9 @@ GaugeSource = Callable[[], float | Mapping[tuple[str, ...] | str, float]]
 def _import_prometheus() -> Any:
     try:
         import prometheus_client
+        import prometheus_client.exposition
+        import prometheus_client.metrics_core
+        import prometheus_client.multiprocess
     except ImportError as exc:  # pragma: no cover - exercised in a subprocess without the extra
         raise ConfigurationError(
             "metrics need prometheus-client: pip install 'nexus-middleware[prometheus]'"
