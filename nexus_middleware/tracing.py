@@ -70,7 +70,8 @@ class TracingMiddleware:
         if max_tracestate_length <= 0:
             raise ConfigurationError("max_tracestate_length must be positive")
         try:
-            from opentelemetry import trace
+            from opentelemetry import context as otel_context
+            from opentelemetry import propagate, trace
             from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
         except ImportError as exc:  # pragma: no cover - exercised in a subprocess without the extra
             raise ConfigurationError(
@@ -78,6 +79,15 @@ class TracingMiddleware:
             ) from exc
         self.app = app
         self._get_current_span = trace.get_current_span
+        # Without an SDK every span is non-recording: skip the instrumentation's per-request bookkeeping and
+        # only carry the incoming trace context (ids for logs, propagation upstream). Checked per request,
+        # because an SDK may be installed as the global provider after the middleware is built.
+        self._noop_possible = tracer_provider is None
+        self._get_tracer_provider = trace.get_tracer_provider
+        self._noop_providers = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+        self._extract = propagate.extract
+        self._attach = otel_context.attach
+        self._detach = otel_context.detach
         self._record_principal = record_principal
         self._hash_key = principal_hash_key
         self._max_tracestate = max_tracestate_length
@@ -99,7 +109,25 @@ class TracingMiddleware:
             state_length = sum(len(value) + 1 for name, value in headers if name == _TRACESTATE)
             if state_length - 1 > self._max_tracestate:
                 scope["headers"] = [(name, value) for name, value in headers if name != _TRACESTATE]
+        if self._noop_possible and isinstance(self._get_tracer_provider(), self._noop_providers):
+            await self._propagate_only(scope, receive, send)
+            return
         await self._instrumented(scope, receive, send)
+
+    async def _propagate_only(self, scope: Scope, receive: Receive, send: Send) -> None:
+        incoming = self._extract(scope, getter=_SCOPE_GETTER)
+        span_context = self._get_current_span(incoming).get_span_context()
+        if not span_context.is_valid:
+            await self.app(scope, receive, send)
+            return
+        context = get_context(scope)
+        if context.trace_id is None:
+            context.trace_id = _trace_id_hex(span_context.trace_id)
+        token = self._attach(incoming)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._detach(token)
 
     async def _traced(self, scope: Scope, receive: Receive, send: Send) -> None:
         span = self._get_current_span()
@@ -155,6 +183,22 @@ class TracingMiddleware:
             )
             span.set_attribute("nexus.principal.hash", digest)
             span.set_attribute("nexus.principal.method", principal.method)
+
+
+class _ScopeHeaderGetter:
+    """Reads propagation headers straight from the raw ASGI headers (the instrumentation's getter decodes
+    every header on every lookup)."""
+
+    def get(self, carrier: Scope, key: str) -> list[str] | None:
+        name = key.lower().encode("latin-1")
+        values = [value.decode("latin-1") for header, value in carrier.get("headers") or () if header == name]
+        return values or None
+
+    def keys(self, carrier: Scope) -> list[str]:
+        return [header.decode("latin-1") for header, _ in carrier.get("headers") or ()]
+
+
+_SCOPE_GETTER: Any = _ScopeHeaderGetter()
 
 
 def _initial_span_details(scope: Scope) -> tuple[str, dict[str, Any]]:

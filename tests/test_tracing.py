@@ -244,16 +244,22 @@ async def test_excluded_urls_are_not_traced(provider: TracerProvider, exporter: 
 
 
 async def test_without_an_sdk_it_is_a_no_op_that_still_propagates() -> None:
-    seen: list[str | None] = []
+    seen: list[tuple[str | None, list[tuple[bytes, bytes]]]] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        seen.append(get_context(scope).trace_id)
+        seen.append((get_context(scope).trace_id, inject_trace_headers([(b"accept", b"*/*")])))
         await ok_app(scope, receive, send)
 
     traced = TracingMiddleware(app)
     assert (await run_asgi(traced, make_scope("/"))).status == 200
-    assert (await run_asgi(traced, make_scope("/", headers=[("traceparent", TRACEPARENT)]))).status == 200
-    assert seen == [None, TRACE_ID]
+    incoming = [("traceparent", TRACEPARENT), ("tracestate", "vendor=abc")]
+    assert (await run_asgi(traced, make_scope("/", headers=incoming))).status == 200
+    assert seen[0] == (None, [(b"accept", b"*/*")])
+    # No span of its own: the upstream continues the caller's trace under the caller's span.
+    assert seen[1] == (
+        TRACE_ID,
+        [(b"accept", b"*/*"), (b"traceparent", TRACEPARENT.encode()), (b"tracestate", b"vendor=abc")],
+    )
 
 
 def test_inject_outside_a_span_leaves_headers_unchanged() -> None:
