@@ -1,8 +1,11 @@
 """MetricsMiddleware and MetricsApp: exact values from the exposition, bounded labels, suite metrics."""
 
 import itertools
+import json
 import random
+import re
 import string
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -405,3 +408,16 @@ def test_two_middlewares_on_one_registry_explain_the_clash() -> None:
         MetricsMiddleware(ok_app, registry=registry)
     other = MetricsMiddleware(ok_app, registry=registry, namespace="edge")
     assert other.registry is registry
+
+
+def test_grafana_dashboard_uses_real_metric_names() -> None:
+    registry = CollectorRegistry()
+    MetricsMiddleware(ok_app, registry=registry)
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    produced = {family.name + suffix for family in registry.collect() for suffix in suffixes[family.type]}
+    produced.add("nexus_breaker_state")  # the documented gauge source convention
+    dashboard = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for expr in expressions for name in re.findall(r"\bnexus_[a-z_]+", expr)}
+    assert used <= produced, used - produced
+    assert {"nexus_http_requests_total", "nexus_ratelimit_decisions_total", "nexus_breaker_state"} <= used

@@ -64,14 +64,14 @@ async def test_full_stack_through_real_uvicorn(caplog: pytest.LogCaptureFixture)
         return {"order": order_id}
 
     api.add_route("/metrics", MetricsApp(registry=registry))  # type: ignore[arg-type]
-    # Added innermost first: the limiter sits inside the observers, metrics outermost.
+    # Added innermost first: the limiter sits inside the observers; tracing, then metrics, outermost.
     api.add_middleware(
         FakeLayer, layer="ratelimit", outcome="deny", status=429, rule="per-ip", applies=path_is("/orders/7")
     )
     api.add_middleware(AuditLogMiddleware, sinks=[audit_sink])
     api.add_middleware(AccessLogMiddleware)
-    api.add_middleware(TracingMiddleware, tracer_provider=provider, excluded_urls="/metrics")
     api.add_middleware(MetricsMiddleware, registry=registry, routes=["/orders/{id}"], exemplars=True)
+    api.add_middleware(TracingMiddleware, tracer_provider=provider, excluded_urls="/metrics")
 
     with caplog.at_level(logging.INFO, logger="nexus_middleware.access_log"):
         async with serve(api) as url, httpx.AsyncClient(base_url=url) as client:
