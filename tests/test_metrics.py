@@ -421,3 +421,23 @@ def test_grafana_dashboard_uses_real_metric_names() -> None:
     used = {name for expr in expressions for name in re.findall(r"\bnexus_[a-z_]+", expr)}
     assert used <= produced, used - produced
     assert {"nexus_http_requests_total", "nexus_ratelimit_decisions_total", "nexus_breaker_state"} <= used
+
+
+async def test_an_unnormalizable_path_is_unmatched() -> None:
+    registry = CollectorRegistry()
+    app = MetricsMiddleware(ok_app, registry=registry, routes=["/files/{name}"])
+    await run_asgi(app, make_scope("/files/x", raw_path=b"/files/a%00b"))
+    found = samples(registry)
+    assert value(found, "nexus_http_requests_total", method="GET", route="unmatched", status_class="2xx") == 1
+
+
+async def test_multiprocess_exposition_adds_the_gauge_sources_registry(tmp_path: Path) -> None:
+    # An empty worker directory: only the per-scrape collectors of the given registry show up.
+    sources = CollectorRegistry()
+    register_gauge_source(
+        sources, "nexus_upstream_target_healthy", lambda: {("users", "a:80"): 1}, labels=["service", "target"]
+    )
+    app = MetricsApp(registry=sources, multiprocess_dir=str(tmp_path), allow=["*"])
+    scrape = await run_asgi(app, make_scope("/metrics"))
+    assert scrape.status == 200
+    assert 'nexus_upstream_target_healthy{service="users",target="a:80"} 1.0' in scrape.body.decode()
