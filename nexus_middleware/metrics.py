@@ -164,6 +164,7 @@ class _Metrics:
         self.red: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
         self.in_flight_children = {method: self.in_flight.labels(method) for method in (*_METHODS, "OTHER")}
         self.children: dict[tuple[Any, ...], Any] = {}
+        self.decision_counters: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
     def child(self, family: Any, *labels: str) -> Any:
         key = (family, *labels)
@@ -186,26 +187,49 @@ class _Metrics:
 
     def record_decision(self, decision: Decision) -> None:
         layer, outcome, details = decision.layer, decision.outcome, decision.details
-        self.child(self.decisions, layer, outcome).inc()
-        if layer == "ratelimit":
-            self.child(self.ratelimit, _label(decision.rule), outcome).inc()
-        elif layer in ("auth", "rbac") and outcome == "deny":
-            self.child(self.auth_failures, layer, _label(decision.reason or decision.rule)).inc()
-        elif layer == "breaker" and outcome == "reject":
-            self.child(self.breaker_rejections, _label(details.get("key"))).inc()
-        elif layer == "concurrency" and outcome in ("shed", "queue_timeout"):
-            self.child(self.concurrency_rejections, _label(details.get("key")), outcome).inc()
-        elif layer == "proxy":
-            service, target = _label(details.get("service")), _label(details.get("target"))
-            self.child(self.upstream_requests, service, target, outcome).inc()
-            if outcome == "error":
-                self.child(self.upstream_errors, service, target).inc()
+        # The signature holds exactly the label values this decision feeds, so the cache is bounded by the
+        # label sets themselves.
+        signature: tuple[Any, ...]
+        if layer == "proxy":
+            signature = (layer, outcome, details.get("service"), details.get("target"))
+        elif layer == "ratelimit":
+            signature = (layer, outcome, decision.rule)
+        elif layer in ("auth", "rbac"):
+            signature = (layer, outcome, decision.reason or decision.rule)
+        elif layer in ("breaker", "concurrency"):
+            signature = (layer, outcome, details.get("key"))
+        else:
+            signature = (layer, outcome)
+        counters = self.decision_counters.get(signature)
+        if counters is None:
+            counters = self.decision_counters[signature] = self._decision_counters(signature)
+        for counter in counters:
+            counter.inc()
+        if layer == "proxy":
             retries = details.get("retries")
             if isinstance(retries, int) and retries > 0:
-                self.child(self.upstream_retries, service, target).inc(retries)
+                self.child(self.upstream_retries, *map(_label, signature[2:])).inc(retries)
             duration = details.get("duration")
             if isinstance(duration, int | float):
-                self.child(self.upstream_duration, service, target).observe(duration)
+                self.child(self.upstream_duration, *map(_label, signature[2:])).observe(duration)
+
+    def _decision_counters(self, signature: tuple[Any, ...]) -> tuple[Any, ...]:
+        layer, outcome, *rest = signature
+        labels = [_label(value) for value in rest]
+        counters = [self.decisions.labels(layer, outcome)]
+        if layer == "ratelimit":
+            counters.append(self.ratelimit.labels(labels[0], outcome))
+        elif layer in ("auth", "rbac") and outcome == "deny":
+            counters.append(self.auth_failures.labels(layer, labels[0]))
+        elif layer == "breaker" and outcome == "reject":
+            counters.append(self.breaker_rejections.labels(labels[0]))
+        elif layer == "concurrency" and outcome in ("shed", "queue_timeout"):
+            counters.append(self.concurrency_rejections.labels(labels[0], outcome))
+        elif layer == "proxy":
+            counters.append(self.upstream_requests.labels(labels[0], labels[1], outcome))
+            if outcome == "error":
+                counters.append(self.upstream_errors.labels(labels[0], labels[1]))
+        return tuple(counters)
 
 
 class MetricsMiddleware:
