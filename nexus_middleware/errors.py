@@ -2,6 +2,7 @@
 
 __all__ = [
     "ConfigurationError",
+    "DeadlineExceededError",
     "InvalidPathError",
     "NexusError",
     "StorageError",
@@ -27,3 +28,7 @@ class StorageError(NexusError):
 
 class StorageUnavailableError(StorageError):
     """A storage backend cannot be reached (connection refused, timeout, breaker open)."""
+
+
+class DeadlineExceededError(NexusError, TimeoutError):
+    """A deadline passed after the response started; raised so that the server drops the connection."""
