@@ -150,10 +150,12 @@ class _Bulkhead:
         """Make room in a full queue by shedding the newest waiter of a lower class than `rank`."""
         for lower in range(len(self.waiters) - 1, rank, -1):
             queue = self.waiters[lower]
-            if queue:
-                queue.pop().set_result(False)
+            while queue:
+                future = queue.pop()
                 self.queued -= 1
-                return True
+                if not future.done():  # a done one was cancelled: its waiter is leaving
+                    future.set_result(False)
+                    return True
         return False
 
     def enqueue(self, rank: int) -> "asyncio.Future[bool]":
@@ -187,8 +189,9 @@ class _Bulkhead:
             while queue and self.in_flight < threshold:
                 future = queue.popleft()
                 self.queued -= 1
-                self.in_flight += 1
-                future.set_result(True)
+                if not future.done():  # a done one was cancelled: its waiter is leaving
+                    self.in_flight += 1
+                    future.set_result(True)
             if queue:
                 return  # lower classes never overtake a waiting higher class
 

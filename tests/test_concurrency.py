@@ -221,6 +221,22 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
     assert app.states()["*"].in_flight == 0
 
 
+async def test_a_waiter_cancelled_as_its_slot_frees_passes_the_slot_on() -> None:
+    inner = Held()
+    app = ConcurrencyLimitMiddleware(inner, policy=ConcurrencyPolicy(max_concurrent=1, queue_size=2))
+    holder = asyncio.create_task(run_asgi(app, request()))
+    await settle()
+    cancelled = asyncio.create_task(run_asgi(app, request()))
+    patient = asyncio.create_task(run_asgi(app, request()))
+    await settle()
+    inner.gate.set()  # the holder finishes in the same loop turn as the first waiter's cancellation
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert [(await holder).status, (await patient).status] == [200, 200]
+    assert (app.states()["*"].in_flight, app.states()["*"].queued) == (0, 0)
+
+
 async def test_the_slot_is_released_when_the_app_raises() -> None:
     async def failing(scope: Scope, receive: Receive, send: Send) -> None:
         raise RuntimeError("boom")
