@@ -676,3 +676,41 @@ async def test_end_to_end_through_uvicorn(manual_clock: ManualClock) -> None:
     assert statuses == [500, 500, 503, 503]
     assert refused.headers["content-type"] == "application/problem+json"
     assert refused.headers["retry-after"] == "30"
+
+
+# --- composition with the other resilience layers ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("timeout_outside", [True, False])
+async def test_an_expired_deadline_counts_wherever_the_timeout_sits(
+    manual_clock: ManualClock, timeout_outside: bool
+) -> None:
+    from nexus_middleware import TimeoutMiddleware
+
+    upstream = Upstream(manual_clock)
+    upstream.gate = asyncio.Event()  # never set: the deadline always passes
+    if timeout_outside:
+        breaker = CircuitBreakerMiddleware(upstream, policy=consecutive(1), clock=manual_clock)
+        app: Any = TimeoutMiddleware(breaker, timeout=0.01)
+    else:
+        app = breaker = CircuitBreakerMiddleware(
+            TimeoutMiddleware(upstream, timeout=0.01), policy=consecutive(1), clock=manual_clock
+        )
+    assert (await call(app)).status == 504
+    assert breaker.states()["*"].state == "open"
+
+
+async def test_a_concurrency_refusal_inside_the_breaker_is_neutral(manual_clock: ManualClock) -> None:
+    from nexus_middleware import ConcurrencyLimitMiddleware, ConcurrencyPolicy
+
+    upstream = Upstream(manual_clock)
+    upstream.gate = asyncio.Event()
+    limited = ConcurrencyLimitMiddleware(upstream, policy=ConcurrencyPolicy(max_concurrent=1))
+    app = CircuitBreakerMiddleware(limited, policy=consecutive(1), clock=manual_clock)
+    holder = asyncio.create_task(call(app))
+    await asyncio.sleep(0.001)
+    for _ in range(3):
+        assert (await call(app)).status == 503  # shed by the bulkhead
+    assert app.states()["*"].state == "closed"
+    upstream.gate.set()
+    assert (await holder).status == 200
