@@ -583,8 +583,9 @@ class CircuitBreakerMiddleware:
             return
         key, policy = resolved
         circuit = self._circuit(key, policy)
-        if self._sync is not None and self._clock.monotonic() - circuit.synced_at >= self._staleness:
-            await self._pull(circuit)
+        sync = self._sync
+        if sync is not None and self._clock.monotonic() - circuit.synced_at >= self._staleness:
+            await self._pull(sync, circuit)
         started = self._clock.monotonic()
         admission = circuit.admit(started)
         if circuit.events:
@@ -661,10 +662,7 @@ class CircuitBreakerMiddleware:
             layer="breaker",
         )
 
-    async def _pull(self, circuit: _Circuit) -> None:
-        sync = self._sync
-        if sync is None:
-            return
+    async def _pull(self, sync: BreakerStateSync, circuit: _Circuit) -> None:
         circuit.synced_at = self._clock.monotonic()  # one reader per period: the others keep the local view
         try:
             shared = await sync.fetch(circuit.key)

@@ -275,6 +275,15 @@ async def test_a_cancelled_call_counts_and_the_cancellation_propagates(manual_cl
     assert app.states()["*"].in_flight == 0
 
 
+async def test_an_app_that_returns_without_answering_fails(manual_clock: ManualClock) -> None:
+    async def silent(scope: Scope, receive: Receive, send: Send) -> None:
+        return None
+
+    app = CircuitBreakerMiddleware(silent, policy=consecutive(1), clock=manual_clock)
+    assert (await call(app)).messages == []
+    assert app.states()["*"].state == "open"
+
+
 async def test_pybreaker_decorating_an_async_def_never_counts_which_is_why_outcomes_are_reported() -> None:
     breaker = pybreaker.CircuitBreaker(fail_max=1)
 

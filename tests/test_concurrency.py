@@ -425,6 +425,13 @@ async def test_an_invalid_path_is_a_400_problem() -> None:
     assert (await run_asgi(app, make_scope("/a", raw_path=b"/a%00"))).status == 400
 
 
+async def test_an_invalid_path_only_classified_by_route_gets_the_default_class() -> None:
+    app = ConcurrencyLimitMiddleware(ok_app, route_classes=[("/a", None, "default")])
+    scope = make_scope("/a", raw_path=b"/a%00")
+    assert (await run_asgi(app, scope)).status == 200  # the router behind answers for the path
+    assert get_context(scope).decision("concurrency").details["priority"] == "default"  # type: ignore[union-attr]
+
+
 async def test_fastapi_integration() -> None:
     from fastapi import FastAPI
 

@@ -155,6 +155,17 @@ async def test_the_apps_own_timeout_error_is_not_a_deadline() -> None:
         await run_asgi(app, make_scope("/"))
 
 
+async def test_no_deadline_at_all_passes_through() -> None:
+    seen: list[float | None] = []
+
+    async def reads_deadline(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(get_context(scope).deadline)
+        await ok_app(scope, receive, send)
+
+    assert (await run_asgi(TimeoutMiddleware(reads_deadline, timeout=None), make_scope("/"))).status == 200
+    assert seen == [None]
+
+
 async def test_a_completed_response_is_untouched() -> None:
     app = TimeoutMiddleware(ok_app, timeout=60)
     recorded = await run_asgi(app, make_scope("/"))
