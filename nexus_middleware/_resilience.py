@@ -1,7 +1,7 @@
 """Pieces shared by the resilience layers (breaker, concurrency limits): keys, route policies, refusals."""
 
 import math
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Generic, Literal, TypeVar
 
 from nexus_middleware.context import get_context
@@ -41,16 +41,18 @@ class PolicyRouter(Generic[P]):
     The first matching entry of `routes` gives the policy (an entry whose policy is None leaves the route
     unprotected); other requests get `default`. The key names the state the request shares: the matched
     route pattern ("*" for the default), the upstream service, the tenant, one global key, or what an async
-    callable returns. A None key leaves the request unprotected.
+    callable returns. A None key leaves the request unprotected. `key_policies` override the policy of the
+    keys they name (None: unprotected), so a gateway can give each upstream its own policy.
     """
 
-    __slots__ = ("_default", "_function", "_kind", "_routes")
+    __slots__ = ("_by_key", "_default", "_function", "_kind", "_routes")
 
     def __init__(
         self,
         key: KeySpec,
         default: P | None,
         routes: Iterable[tuple[str, Iterable[str] | None, P | None]],
+        key_policies: Mapping[str, P | None] | None = None,
     ) -> None:
         if isinstance(key, str):
             if key not in _KINDS:
@@ -63,6 +65,7 @@ class PolicyRouter(Generic[P]):
         else:
             raise ConfigurationError("key must be a string or an async callable")
         self._default = default
+        self._by_key = dict(key_policies or {})
         self._routes: RouteTable[tuple[str, P | None]] | None = (
             RouteTable((pattern, methods, (pattern, policy)) for pattern, methods, policy in routes) or None
         )
@@ -88,20 +91,27 @@ class PolicyRouter(Generic[P]):
             found = self._routes.lookup(request_path(scope), scope.get("method", "GET"))
             if found is not None:
                 pattern, policy = found
-        if policy is None:
+        if policy is None and not self._by_key:
             return None
+        key = await self._key(scope, pattern)
+        if key is None:
+            return None
+        if self._by_key:
+            policy = self._by_key.get(key, policy)
+        return None if policy is None else (key, policy)
+
+    async def _key(self, scope: Scope, pattern: str) -> str | None:
         function = self._function
         if function is not None:
-            key = await function(scope)
-            return None if key is None else (key, policy)
+            return await function(scope)
         kind = self._kind
         if kind == "route":
-            return pattern, policy
+            return pattern
         if kind == "upstream":
             service = get_context(scope).extras.get(UPSTREAM_EXTRA)
-            return None if service is None else (str(service), policy)
+            return None if service is None else str(service)
         if kind == "tenant":
             principal = get_context(scope).principal
             tenant = None if principal is None else principal.tenant
-            return (tenant or NO_TENANT), policy
-        return "*", policy
+            return tenant or NO_TENANT
+        return "*"

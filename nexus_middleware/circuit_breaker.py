@@ -521,24 +521,23 @@ class CircuitBreakerMiddleware:
         policy: BreakerPolicy | None = BreakerPolicy(),
         key: KeySpec = "route",
         routes: Iterable[tuple[str, Iterable[str] | None, BreakerPolicy | None]] = (),
+        key_policies: Mapping[str, BreakerPolicy | None] | None = None,
         fallback: ASGIApp | None = None,
         sync: BreakerStateSync | None = None,
         on_event: Callable[[BreakerEvent], Awaitable[None]] | None = None,
         max_breakers: int = 1024,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        if policy is not None and not isinstance(policy, BreakerPolicy):
-            raise ConfigurationError("policy must be a BreakerPolicy or None")
         routes = list(routes)
-        for _, _, route_policy in routes:
-            if route_policy is not None and not isinstance(route_policy, BreakerPolicy):
-                raise ConfigurationError("route policies must be BreakerPolicy instances or None")
+        policies = [policy, *(p for _, _, p in routes), *(key_policies or {}).values()]
+        if any(p is not None and not isinstance(p, BreakerPolicy) for p in policies):
+            raise ConfigurationError("policies must be BreakerPolicy instances or None")
         if max_breakers < 1:
             raise ConfigurationError("max_breakers must be at least 1")
         if fallback is not None and not callable(fallback):
             raise ConfigurationError("fallback must be an ASGI app")
         self.app = app
-        self._router = PolicyRouter(key, policy, routes)
+        self._router = PolicyRouter(key, policy, routes, key_policies)
         self._fallback = fallback
         self._sync = sync
         self._staleness = 0.0 if sync is None else sync.staleness

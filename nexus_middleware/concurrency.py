@@ -260,6 +260,7 @@ class ConcurrencyLimitMiddleware:
         policy: ConcurrencyPolicy | None = ConcurrencyPolicy(),
         key: KeySpec = "route",
         routes: Iterable[tuple[str, Iterable[str] | None, ConcurrencyPolicy | None]] = (),
+        key_policies: Mapping[str, ConcurrencyPolicy | None] | None = None,
         classify: Callable[[Scope], str | None] | None = None,
         route_classes: Iterable[tuple[str, Iterable[str] | None, str]] = (),
         priority_header: str | None = None,
@@ -267,7 +268,7 @@ class ConcurrencyLimitMiddleware:
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         routes = list(routes)
-        policies = [policy, *(route_policy for _, _, route_policy in routes)]
+        policies = [policy, *(p for _, _, p in routes), *(key_policies or {}).values()]
         if any(p is not None and not isinstance(p, ConcurrencyPolicy) for p in policies):
             raise ConfigurationError("policies must be ConcurrencyPolicy instances or None")
         if max_keys < 1:
@@ -275,7 +276,7 @@ class ConcurrencyLimitMiddleware:
         if classify is not None and not callable(classify):
             raise ConfigurationError("classify must be a callable")
         self.app = app
-        self._router = PolicyRouter(key, policy, routes)
+        self._router = PolicyRouter(key, policy, routes, key_policies)
         self._classify = classify
         self._route_classes: RouteTable[str] | None = RouteTable(route_classes) or None
         self._priority_header = None if priority_header is None else priority_header.lower().encode("latin-1")

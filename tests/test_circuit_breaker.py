@@ -400,6 +400,28 @@ async def test_upstream_key_reads_the_service_from_the_context(manual_clock: Man
     assert upstream.calls == 3
 
 
+async def test_per_upstream_policies_for_a_gateway(manual_clock: ManualClock) -> None:
+    upstream = Upstream(manual_clock)
+    upstream.status = 503
+
+    async def router(scope: Scope, receive: Receive, send: Send) -> None:
+        get_context(scope).extras["proxy.service"] = scope["path"].strip("/")
+        await breaker(scope, receive, send)
+
+    breaker = CircuitBreakerMiddleware(
+        upstream,
+        key="upstream",
+        policy=None,  # only the upstreams configured below are protected
+        key_policies={"billing": consecutive(1), "search": consecutive(3), "legacy": None},
+        clock=manual_clock,
+    )
+    for path in ("/billing", "/search", "/legacy", "/other"):
+        await run_asgi(router, make_scope(path))
+    assert {k: v.state for k, v in breaker.states().items()} == {"billing": "open", "search": "closed"}
+    assert (await run_asgi(router, make_scope("/billing"))).status == 503
+    assert upstream.calls == 4
+
+
 async def test_decisions_record_allow_trial_and_reject(manual_clock: ManualClock) -> None:
     upstream = Upstream(manual_clock)
     upstream.status = 500
@@ -521,6 +543,7 @@ def test_policy_validation(options: dict[str, Any]) -> None:
     "options",
     [
         {"policy": "strict"},
+        {"key_policies": {"a": 5}},
         {"routes": [("/a", None, 3)]},
         {"max_breakers": 0},
         {"fallback": "503"},

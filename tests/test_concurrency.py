@@ -380,6 +380,27 @@ async def test_limits_per_tenant_and_per_route() -> None:
     assert [r.status for r in results] == [200, 503, 200, 200, 200]
 
 
+async def test_key_policies_give_a_tenant_its_own_limit() -> None:
+    inner = Held()
+    app = ConcurrencyLimitMiddleware(
+        inner,
+        key="tenant",
+        policy=ConcurrencyPolicy(max_concurrent=1),
+        key_policies={"acme": ConcurrencyPolicy(max_concurrent=3), "internal": None},
+    )
+    scopes = []
+    for tenant in ["acme"] * 4 + ["globex"] * 2 + ["internal"] * 5:
+        scope = request()
+        publish_principal(scope, Principal("u", method="jwt", tenant=tenant))
+        scopes.append(scope)
+    tasks = [asyncio.create_task(run_asgi(app, scope)) for scope in scopes]
+    await settle()
+    assert inner.entered == 3 + 1 + 5
+    assert {k: v.limit for k, v in app.states().items()} == {"acme": 3, "globex": 1}
+    inner.gate.set()
+    await asyncio.gather(*tasks)
+
+
 async def test_idle_bulkheads_are_forgotten_beyond_max_keys() -> None:
     async def by_path(scope: Scope) -> str:
         return str(scope["path"])
