@@ -394,7 +394,8 @@ class _Circuit:
         self.next_reason = None
         open_until_wall = None
         if state == _OPEN:
-            self.open_until = self.next_open_until or now + self.policy.reset_timeout
+            scheduled = self.next_open_until
+            self.open_until = now + self.policy.reset_timeout if scheduled is None else scheduled
             open_until_wall = wall + (self.open_until - now)
         self.next_open_until = None
         if state != _HALF_OPEN and self.window is not None:
