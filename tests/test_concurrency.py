@@ -517,3 +517,22 @@ def test_reprs() -> None:
     assert repr(ConcurrencyLimitMiddleware(ok_app)) == "ConcurrencyLimitMiddleware(keys=0)"
     assert "max_concurrent=100" in repr(ConcurrencyPolicy())
     assert repr(PriorityClass("low", 0.5)) == "PriorityClass(name='low', share=0.5)"
+
+
+async def test_end_to_end_through_uvicorn() -> None:
+    from tests.support.servers import serve
+
+    inner = Held()
+    app = ConcurrencyLimitMiddleware(inner, policy=ConcurrencyPolicy(max_concurrent=2, retry_after=2))
+    async with serve(app, lifespan="off") as url, httpx.AsyncClient(base_url=url) as client:
+        tasks = [asyncio.create_task(client.get("/work")) for _ in range(6)]
+        for _ in range(200):
+            if sum(t.done() for t in tasks) == 4:
+                break
+            await asyncio.sleep(0.005)
+        assert inner.entered == 2
+        inner.gate.set()
+        responses = await asyncio.gather(*tasks)
+    assert sorted(r.status_code for r in responses) == [200, 200, 503, 503, 503, 503]
+    assert {r.headers.get("retry-after") for r in responses if r.status_code == 503} == {"2"}
+    assert app.states()["*"].in_flight == 0
