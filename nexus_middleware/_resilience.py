@@ -75,35 +75,27 @@ class PolicyRouter(Generic[P]):
     ) -> tuple[str, P] | None:
         """`(key, policy)`, or None when the request was handled: an invalid path gets a 400 problem and an
         unprotected request goes straight to `app`."""
-        try:
-            resolved = await self.resolve(scope)
-        except InvalidPathError:
-            await send_problem(scope, send, Problem(400, "The request path is invalid."), layer=layer)
-            return None
-        if resolved is None:
-            await app(scope, receive, send)
-        return resolved
-
-    async def resolve(self, scope: Scope) -> tuple[str, P] | None:
-        """`(key, policy)` for the request, or None when it is unprotected. Raises `InvalidPathError`."""
         pattern, policy = "*", self._default
         if self._routes is not None:
-            found = self._routes.lookup(request_path(scope), scope.get("method", "GET"))
+            try:
+                found = self._routes.lookup(request_path(scope), scope.get("method", "GET"))
+            except InvalidPathError:
+                await send_problem(scope, send, Problem(400, "The request path is invalid."), layer=layer)
+                return None
             if found is not None:
                 pattern, policy = found
-        if policy is None and not self._by_key:
-            return None
-        key = await self._key(scope, pattern)
-        if key is None:
-            return None
-        if self._by_key:
-            policy = self._by_key.get(key, policy)
-        return None if policy is None else (key, policy)
+        if policy is not None or self._by_key:
+            # On the request path: the built-in kinds are resolved without an extra coroutine.
+            function = self._function
+            key = await function(scope) if function is not None else self._builtin_key(scope, pattern)
+            if key is not None and self._by_key:
+                policy = self._by_key.get(key, policy)
+            if key is not None and policy is not None:
+                return key, policy
+        await app(scope, receive, send)
+        return None
 
-    async def _key(self, scope: Scope, pattern: str) -> str | None:
-        function = self._function
-        if function is not None:
-            return await function(scope)
+    def _builtin_key(self, scope: Scope, pattern: str) -> str | None:
         kind = self._kind
         if kind == "route":
             return pattern

@@ -352,6 +352,22 @@ async def test_breakers_per_route_pattern_and_unprotected_routes(manual_clock: M
     assert states["/orders/*"].state == "open"
 
 
+async def test_a_global_breaker_spans_every_route(manual_clock: ManualClock) -> None:
+    upstream = Upstream(manual_clock)
+    upstream.status = 500
+    app = CircuitBreakerMiddleware(
+        upstream,
+        key="global",
+        policy=None,
+        routes=[("/a", None, consecutive(2)), ("/b", None, consecutive(2))],
+        clock=manual_clock,
+    )
+    await call(app, "/a")
+    await call(app, "/b")
+    assert list(app.states()) == ["*"]
+    assert (await call(app, "/a")).status == 503
+
+
 async def test_breakers_keyed_by_an_async_callable_are_bounded(manual_clock: ManualClock) -> None:
     upstream = Upstream(manual_clock)
 
