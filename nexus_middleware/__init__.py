@@ -10,10 +10,25 @@ from nexus_middleware.audit import (
     WebhookSink,
 )
 from nexus_middleware.bearer import ClaimMapping, TokenLocation
+from nexus_middleware.circuit_breaker import (
+    BreakerEvent,
+    BreakerPolicy,
+    BreakerSnapshot,
+    CircuitBreakerMiddleware,
+    RedisBreakerSync,
+    StaticResponse,
+)
 from nexus_middleware.client import ClientAddressResolver
 from nexus_middleware.clock import Clock, ManualClock, SystemClock
+from nexus_middleware.concurrency import (
+    AdaptiveLimit,
+    ConcurrencyLimitMiddleware,
+    ConcurrencyPolicy,
+    ConcurrencySnapshot,
+    PriorityClass,
+)
 from nexus_middleware.context import Decision, Principal, RequestContext, current_context, get_context
-from nexus_middleware.errors import ConfigurationError, NexusError
+from nexus_middleware.errors import ConfigurationError, DeadlineExceededError, NexusError
 from nexus_middleware.exceptions import ProblemDetailsMiddleware
 from nexus_middleware.introspection import IntrospectionMiddleware, IntrospectionPolicy
 from nexus_middleware.jwks import JWKSCache, JWKSPolicy
@@ -22,17 +37,27 @@ from nexus_middleware.metrics import MetricsApp, MetricsMiddleware, register_gau
 from nexus_middleware.paths import PathPattern, RouteTable, normalize_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.redaction import Redactor
+from nexus_middleware.timeout import TimeoutMiddleware
 from nexus_middleware.tracing import TracingMiddleware, inject_trace_headers
 
 __all__ = [
     "AccessLogMiddleware",
+    "AdaptiveLimit",
     "AuditLogMiddleware",
     "AuditSink",
+    "BreakerEvent",
+    "BreakerPolicy",
+    "BreakerSnapshot",
     "CallbackSink",
+    "CircuitBreakerMiddleware",
     "ClaimMapping",
     "ClientAddressResolver",
     "Clock",
+    "ConcurrencyLimitMiddleware",
+    "ConcurrencyPolicy",
+    "ConcurrencySnapshot",
     "ConfigurationError",
+    "DeadlineExceededError",
     "Decision",
     "IntrospectionMiddleware",
     "IntrospectionPolicy",
@@ -48,14 +73,18 @@ __all__ = [
     "NexusError",
     "PathPattern",
     "Principal",
+    "PriorityClass",
     "Problem",
     "ProblemDetailsMiddleware",
     "Redactor",
+    "RedisBreakerSync",
     "RequestContext",
     "RevocationList",
     "RouteTable",
     "SinkPolicy",
+    "StaticResponse",
     "SystemClock",
+    "TimeoutMiddleware",
     "TokenLocation",
     "TracingMiddleware",
     "WebhookSink",

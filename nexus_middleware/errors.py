@@ -2,6 +2,7 @@
 
 __all__ = [
     "ConfigurationError",
+    "DeadlineExceededError",
     "InvalidPathError",
     "InvalidTokenError",
     "NexusError",
@@ -44,3 +45,7 @@ class InvalidTokenError(NexusError):
 class VerifierUnavailableError(NexusError):
     """What a token is checked against (a JWKS endpoint, an introspection endpoint, the revocation store)
     cannot be reached and no usable cached answer is left: the request fails closed with 503."""
+
+
+class DeadlineExceededError(NexusError, TimeoutError):
+    """A deadline passed after the response started; raised so that the server drops the connection."""

@@ -1,0 +1,109 @@
+"""Pieces shared by the resilience layers (breaker, concurrency limits): keys, route policies, refusals."""
+
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Generic, Literal, TypeVar
+
+from nexus_middleware.context import get_context
+from nexus_middleware.errors import ConfigurationError, InvalidPathError
+from nexus_middleware.paths import RouteTable, request_path
+from nexus_middleware.problem import Problem, send_problem
+from nexus_middleware.types import ASGIApp, Receive, Scope, Send
+
+__all__ = [
+    "KeyFunction",
+    "KeySpec",
+    "PolicyRouter",
+    "REDUCED_CAPACITY",
+    "UPSTREAM_EXTRA",
+    "retry_after_header",
+]
+
+REDUCED_CAPACITY = "https://iana.org/assignments/http-problem-types#temporary-reduced-capacity"
+# The request-context extra where the gateway's routing names the upstream service before the proxy runs.
+UPSTREAM_EXTRA = "proxy.service"
+NO_TENANT = "-"
+
+KeyFunction = Callable[[Scope], Awaitable[str | None]]
+KeySpec = Literal["route", "upstream", "tenant", "global"] | KeyFunction
+_KINDS = frozenset({"route", "upstream", "tenant", "global"})
+
+P = TypeVar("P")
+
+
+def retry_after_header(seconds: float) -> tuple[bytes, bytes]:
+    return (b"retry-after", str(max(1, math.ceil(seconds))).encode())
+
+
+class PolicyRouter(Generic[P]):
+    """Finds the policy and the state key of a request.
+
+    The first matching entry of `routes` gives the policy (an entry whose policy is None leaves the route
+    unprotected); other requests get `default`. The key names the state the request shares: the matched
+    route pattern ("*" for the default), the upstream service, the tenant, one global key, or what an async
+    callable returns. A None key leaves the request unprotected. `key_policies` override the policy of the
+    keys they name (None: unprotected), so a gateway can give each upstream its own policy.
+    """
+
+    __slots__ = ("_by_key", "_default", "_function", "_kind", "_routes")
+
+    def __init__(
+        self,
+        key: KeySpec,
+        default: P | None,
+        routes: Iterable[tuple[str, Iterable[str] | None, P | None]],
+        key_policies: Mapping[str, P | None] | None = None,
+    ) -> None:
+        if isinstance(key, str):
+            if key not in _KINDS:
+                raise ConfigurationError(f"key must be one of {sorted(_KINDS)} or an async callable: {key!r}")
+            self._kind: str | None = key
+            self._function: KeyFunction | None = None
+        elif callable(key):
+            self._kind = None
+            self._function = key
+        else:
+            raise ConfigurationError("key must be a string or an async callable")
+        self._default = default
+        self._by_key = dict(key_policies or {})
+        self._routes: RouteTable[tuple[str, P | None]] | None = (
+            RouteTable((pattern, methods, (pattern, policy)) for pattern, methods, policy in routes) or None
+        )
+
+    async def route(
+        self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, layer: str
+    ) -> tuple[str, P] | None:
+        """`(key, policy)`, or None when the request was handled: an invalid path gets a 400 problem and an
+        unprotected request goes straight to `app`."""
+        pattern, policy = "*", self._default
+        if self._routes is not None:
+            try:
+                found = self._routes.lookup(request_path(scope), scope.get("method", "GET"))
+            except InvalidPathError:
+                await send_problem(scope, send, Problem(400, "The request path is invalid."), layer=layer)
+                return None
+            if found is not None:
+                pattern, policy = found
+        if policy is not None or self._by_key:
+            # On the request path: the built-in kinds are resolved without an extra coroutine.
+            function = self._function
+            key = await function(scope) if function is not None else self._builtin_key(scope, pattern)
+            if key is not None and self._by_key:
+                policy = self._by_key.get(key, policy)
+            if key is not None and policy is not None:
+                return key, policy
+        await app(scope, receive, send)
+        return None
+
+    def _builtin_key(self, scope: Scope, pattern: str) -> str | None:
+        kind = self._kind
+        if kind == "route":
+            return pattern
+        if kind == "upstream":
+            service = get_context(scope).extras.get(UPSTREAM_EXTRA)
+            return None if service is None else str(service)
+        if kind == "tenant":
+            principal = get_context(scope).principal
+            tenant = None if principal is None else principal.tenant
+            return tenant or NO_TENANT
+        return "*"
