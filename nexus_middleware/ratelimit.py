@@ -75,12 +75,12 @@ class _PolicySet:
     __slots__ = ("policies", "table")
 
     def __init__(self, policies: Sequence[RateLimitPolicy]) -> None:
-        names = [policy.name for policy in policies]
-        if len(set(names)) != len(names):
-            raise ConfigurationError(f"policy names must be unique: {names}")
         for policy in policies:
             if not isinstance(policy, RateLimitPolicy):
                 raise ConfigurationError(f"policies must be RateLimitPolicy objects, not {policy!r}")
+        names = [policy.name for policy in policies]
+        if len(set(names)) != len(names):
+            raise ConfigurationError(f"policy names must be unique: {names}")
         self.policies = tuple(policies)
         self.table: RouteTable[tuple[RateLimitPolicy, str]] = RouteTable(
             (pattern, policy.methods, (policy, pattern)) for policy in policies for pattern in policy.paths
@@ -204,6 +204,7 @@ class RateLimitMiddleware:
             await self._forward(scope, receive, send)
             return
         states = await self._acquire(checks)
+        degraded = states is None
         if states is None:
             states = await self._degraded(policy, scope, send, context, path, windows, checks)
             if states is None:
@@ -211,7 +212,7 @@ class RateLimitMiddleware:
                     await self._forward(scope, receive, send)
                 return
             windows = [_Window(w.quota, w.label, w.key, w.partition, self._scale(w.item)) for w in windows]
-        await self._decide(policy, scope, receive, send, context, path, windows, checks, states)
+        await self._decide(policy, scope, receive, send, context, path, windows, states, degraded)
 
     async def _decide(
         self,
@@ -222,8 +223,8 @@ class RateLimitMiddleware:
         context: RequestContext,
         path: str,
         windows: list[_Window],
-        checks: list[WindowCheck],
         states: list[WindowState],
+        degraded: bool,
     ) -> None:
         violated = [i for i, state in enumerate(states) if not state.allowed]
         tightest = min(range(len(states)), key=lambda i: (states[i].remaining, -windows[i].item.get_expiry()))
@@ -268,7 +269,7 @@ class RateLimitMiddleware:
             )
             retry = max(1, math.ceil(states[violated[0]].reset_after))
             await self._emit("shadow_deny", policy, first, states[violated[0]], path, retry)
-        else:
+        elif not degraded:  # in local fallback the request stays recorded as "degraded"
             context.record(
                 LAYER,
                 "allow",

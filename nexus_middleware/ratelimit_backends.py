@@ -248,15 +248,20 @@ def _units(allowed: bool, cost: int, remaining: int, limit: int) -> int:
     return min(remaining + 1, limit)
 
 
+_EPSILON = 0.001
+
+
 def sliding_wait(previous: int, current: int, to_boundary: float, expiry: float, target: int) -> float:
     """Seconds until the sliding-window weighted count drops below `target` (the count a request may find)."""
+    # The count must fall strictly below `target`: a millisecond past the exact point is the first moment.
     if current < target:
         if previous == 0:
             return 0.0
         # weighted(d) = previous * (to_boundary - d) / expiry + current, decreasing until the boundary.
-        return max(0.0, to_boundary - (target - current) * expiry / previous)
+        wait = to_boundary - (target - current) * expiry / previous
+        return wait + _EPSILON if wait >= 0 else 0.0
     # After the boundary the current window becomes the previous one, weighing `current` down over `expiry`.
-    return to_boundary + max(0.0, expiry - target * expiry / current)
+    return to_boundary + max(0.0, expiry - target * expiry / current) + _EPSILON
 
 
 _LIMITERS: dict[Strategy, type[RateLimiter]] = {
@@ -381,9 +386,12 @@ for i = 1, n do
   else
     local target = s.limit - units + 1
     if s.cur < target then
-      if s.prev > 0 then wait = math.max(0, s.boundary - (target - s.cur) * s.expiry / s.prev) end
+      if s.prev > 0 then
+        wait = s.boundary - (target - s.cur) * s.expiry / s.prev
+        if wait >= 0 then wait = wait + 1 else wait = 0 end
+      end
     else
-      wait = s.boundary + math.max(0, s.expiry - target * s.expiry / s.cur)
+      wait = s.boundary + math.max(0, s.expiry - target * s.expiry / s.cur) + 1
     end
   end
   out[#out + 1] = s.ok and 1 or 0
