@@ -6,6 +6,8 @@ from nexus_middleware.context import Decision, Principal, RequestContext, curren
 from nexus_middleware.errors import ConfigurationError, NexusError
 from nexus_middleware.paths import PathPattern, RouteTable, normalize_path
 from nexus_middleware.problem import Problem, send_problem
+from nexus_middleware.ratelimit import RateLimitMiddleware
+from nexus_middleware.ratelimit_policy import Quota, RateLimitEvent, RateLimitOptions, RateLimitPolicy
 
 __all__ = [
     "ClientAddressResolver",
@@ -17,6 +19,11 @@ __all__ = [
     "PathPattern",
     "Principal",
     "Problem",
+    "Quota",
+    "RateLimitEvent",
+    "RateLimitMiddleware",
+    "RateLimitOptions",
+    "RateLimitPolicy",
     "RequestContext",
     "RouteTable",
     "SystemClock",

@@ -227,20 +227,30 @@ class RateLimitMiddleware:
         degraded: bool,
     ) -> None:
         violated = [i for i, state in enumerate(states) if not state.allowed]
-        tightest = min(range(len(states)), key=lambda i: (states[i].remaining, -windows[i].item.get_expiry()))
-        if violated and not policy.shadow:
+        if violated:
+            index = violated[0]
             retry_after = max(1, max(math.ceil(states[i].reset_after) for i in violated))
-            first = windows[violated[0]]
+        else:
+            index = min(
+                range(len(states)), key=lambda i: (states[i].remaining, -windows[i].item.get_expiry())
+            )
+            retry_after = None
+        window, state = windows[index], states[index]
+        outcome = ("shadow_deny" if policy.shadow else "deny") if violated else "allow"
+        if outcome != "allow" or not degraded:  # in local fallback an admitted request stays "degraded"
             context.record(
                 LAYER,
-                "deny",
+                outcome,
                 rule=policy.name,
-                reason="quota_exceeded",
-                remaining=states[violated[0]].remaining,
-                limit=first.item.amount,
-                key_kind=_key_kind(first.quota),
-                quota=first.quota.name,
+                reason="quota_exceeded" if violated else None,
+                remaining=state.remaining,
+                limit=window.item.amount,
+                key_kind=_key_kind(window.quota),
+                quota=window.quota.name,
             )
+        if violated or self.options.report_hits:
+            await self._emit(outcome, policy, window, state, path, retry_after)
+        if outcome == "deny":
             labels = list(dict.fromkeys(windows[i].label for i in violated))
             headers = self._headers(windows, states, only=violated)
             headers.append((b"retry-after", str(retry_after).encode()))
@@ -251,36 +261,8 @@ class RateLimitMiddleware:
                 title="Quota Exceeded",
                 extensions=MappingProxyType({"violated-policies": labels}),
             )
-            await self._emit("deny", policy, first, states[violated[0]], path, retry_after)
             await send_problem(scope, send, problem, headers=headers, layer=LAYER)
             return
-        window, state = windows[tightest], states[tightest]
-        if violated:
-            first = windows[violated[0]]
-            context.record(
-                LAYER,
-                "shadow_deny",
-                rule=policy.name,
-                reason="quota_exceeded",
-                remaining=states[violated[0]].remaining,
-                limit=first.item.amount,
-                key_kind=_key_kind(first.quota),
-                quota=first.quota.name,
-            )
-            retry = max(1, math.ceil(states[violated[0]].reset_after))
-            await self._emit("shadow_deny", policy, first, states[violated[0]], path, retry)
-        elif not degraded:  # in local fallback the request stays recorded as "degraded"
-            context.record(
-                LAYER,
-                "allow",
-                rule=policy.name,
-                remaining=state.remaining,
-                limit=window.item.amount,
-                key_kind=_key_kind(window.quota),
-                quota=window.quota.name,
-            )
-            if self.options.report_hits:
-                await self._emit("allow", policy, window, state, path, None)
         # A shadow policy reports its would-be refusal but advertises nothing the client could act on.
         headers = [] if policy.shadow else self._headers(windows, states)
         await self._forward(scope, receive, send, headers)
