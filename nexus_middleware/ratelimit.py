@@ -20,7 +20,7 @@ from typing import Any
 
 from limits import RateLimitItem
 
-from nexus_middleware.client import ClientAddressResolver, normalize_ip
+from nexus_middleware.client import ClientAddressResolver
 from nexus_middleware.clock import SYSTEM_CLOCK, Clock
 from nexus_middleware.context import Principal, RequestContext, get_context
 from nexus_middleware.errors import ConfigurationError, InvalidPathError, StorageError
@@ -43,7 +43,6 @@ from nexus_middleware.ratelimit_policy import (
     RateLimitPolicy,
     parse_windows,
 )
-from nexus_middleware.structured_fields import SFItem, serialize_list
 from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["QUOTA_EXCEEDED", "RateLimitMiddleware"]
@@ -65,7 +64,7 @@ class _Window:
     quota: Quota
     label: str
     key: str
-    partition: bytes | None
+    partition: str  # the serialized `;pk=:...:` parameter, or "" when the quota has no partition
     item: RateLimitItem
 
 
@@ -286,9 +285,10 @@ class RateLimitMiddleware:
                 continue
             items = await self._windows(quota, principal, scope)
             key = f"{self._prefix}{quota.name}:{value}"
-            partition = None
+            partition = ""
             if self.options.partition_keys and quota.key != "global":
-                partition = hashlib.blake2b(key.encode(), digest_size=9).digest()
+                digest = hashlib.blake2b(key.encode(), digest_size=9).digest()
+                partition = ";pk=:" + base64.b64encode(digest).decode("ascii") + ":"
             for item in items:
                 label = quota.name if len(items) == 1 else f"{quota.name}-{item.get_expiry()}s"
                 windows.append(_Window(quota, label, key, partition, item))
@@ -372,7 +372,6 @@ class RateLimitMiddleware:
             if address is None:
                 return None
             context.client = address
-        address = normalize_ip(address) or address
         if ":" in address and self.options.ipv6_prefix < 128:
             network = ipaddress.ip_network(f"{address}/{self.options.ipv6_prefix}", strict=False)
             return str(network)
@@ -441,22 +440,21 @@ class RateLimitMiddleware:
     def _headers(
         self, windows: list[_Window], states: list[WindowState], only: list[int] | None = None
     ) -> list[tuple[bytes, bytes]]:
-        policy_items: list[SFItem] = []
-        limit_items: list[SFItem] = []
+        # Names are validated printable ASCII without quotes or backslashes at construction, so each item
+        # is a valid RFC 9651 String with Integer and Byte Sequence parameters as written here.
+        policy_items: list[str] = []
+        limit_items: list[str] = []
         for index, (window, state) in enumerate(zip(windows, states, strict=True)):
-            params: dict[str, Any] = {"q": window.item.amount, "w": window.item.get_expiry()}
-            if window.partition is not None:
-                params["pk"] = window.partition
-            policy_items.append(SFItem(window.label, params))
+            item = window.item
+            policy_items.append(f'"{window.label}";q={item.amount};w={item.get_expiry()}{window.partition}')
             if only is not None and index not in only:
                 continue
-            limit: dict[str, Any] = {"r": state.remaining, "t": math.ceil(state.reset_after)}
-            if window.partition is not None:
-                limit["pk"] = window.partition
-            limit_items.append(SFItem(window.label, limit))
+            limit_items.append(
+                f'"{window.label}";r={state.remaining};t={math.ceil(state.reset_after)}{window.partition}'
+            )
         headers = [
-            (_POLICY_HEADER, serialize_list(policy_items).encode("ascii")),
-            (_LIMIT_HEADER, serialize_list(limit_items).encode("ascii")),
+            (_POLICY_HEADER, ", ".join(policy_items).encode("ascii")),
+            (_LIMIT_HEADER, ", ".join(limit_items).encode("ascii")),
         ]
         if self.options.legacy_headers:
             index = min(

@@ -15,6 +15,7 @@ consumes nothing at the others.
 
 import asyncio
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -93,7 +94,8 @@ class ClockedMemoryStorage(
         self._clock = clock
         self.counters: dict[str, int] = {}
         self.expirations: dict[str, float] = {}
-        self.events: dict[str, list[float]] = {}  # moving window: hit times, newest first
+        self.events: dict[str, deque[float]] = {}  # moving window: hit times, oldest first
+        self.event_expiry: dict[str, float] = {}
         self._sweep_every = sweep_every
         self._writes = 0
 
@@ -126,8 +128,11 @@ class ClockedMemoryStorage(
             for key in [k for k, at in self.expirations.items() if at <= now]:
                 self.counters.pop(key, None)
                 self.expirations.pop(key, None)
-            for key in [k for k, hits in self.events.items() if not hits or hits[0] <= now - 86_400 * 366]:
+            for key in [
+                k for k, hits in self.events.items() if not hits or hits[-1] <= now - self.event_expiry[k]
+            ]:
                 self.events.pop(key, None)
+                self.event_expiry.pop(key, None)
 
     async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
         return self.add(key, expiry, amount)
@@ -146,27 +151,25 @@ class ClockedMemoryStorage(
         self.counters.clear()
         self.expirations.clear()
         self.events.clear()
+        self.event_expiry.clear()
         return count
 
     async def clear(self, key: str) -> None:
         self.counters.pop(key, None)
         self.expirations.pop(key, None)
         self.events.pop(key, None)
+        self.event_expiry.pop(key, None)
 
     def moving_count(self, key: str, expiry: float) -> tuple[float, int]:
+        """(time of the oldest hit still in the window, hits in the window); drops the hits that left it."""
         hits = self.events.get(key)
         now = self.now()
         if not hits:
             return now, 0
         cutoff = now - expiry
-        count = 0
-        for at in hits:
-            if at <= cutoff:
-                break
-            count += 1
-        if count < len(hits):
-            del hits[count:]
-        return (hits[count - 1] if count else now), count
+        while hits and hits[0] <= cutoff:
+            hits.popleft()
+        return (hits[0] if hits else now), len(hits)
 
     async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
         if amount > limit:
@@ -174,9 +177,11 @@ class ClockedMemoryStorage(
         _, count = self.moving_count(key, expiry)
         if count + amount > limit:
             return False
-        hits = self.events.setdefault(key, [])
-        hits[:0] = [self.now()] * amount
-        del hits[limit:]
+        hits = self.events.get(key)
+        if hits is None:
+            hits = self.events[key] = deque(maxlen=limit)
+            self.event_expiry[key] = expiry
+        hits.extend([self.now()] * amount)
         self._wrote()
         return True
 
@@ -227,11 +232,11 @@ class ClockedMemoryStorage(
             _, count = self.moving_count(key, expiry)
             remaining = max(0, limit - count)
             units = _units(allowed, check.cost, remaining, limit)
-            hits = self.events.get(key, [])
-            index = limit - units
+            hits = self.events.get(key) or ()
+            newest_first = limit - units  # the hit that must leave the window before `units` fit
             wait = 0.0
-            if 0 <= index < len(hits):
-                wait = max(0.0, hits[index] + expiry - self.now())
+            if 0 <= newest_first < len(hits):
+                wait = max(0.0, hits[len(hits) - 1 - newest_first] + expiry - self.now())
             return WindowState(allowed, remaining, wait)
         previous, previous_ttl, current, _ = self.sliding(key, expiry)
         remaining = max(0, limit - math.floor(previous * previous_ttl / expiry + current))
