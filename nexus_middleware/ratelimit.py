@@ -154,6 +154,11 @@ class RateLimitMiddleware:
     def backend(self) -> LimiterBackend:
         return self._backend
 
+    @property
+    def store_available(self) -> bool:
+        """False while the store breaker is open after a failure (for status pages and health checks)."""
+        return not self._breaker.is_open
+
     def replace_policies(self, policies: Sequence[RateLimitPolicy]) -> None:
         """Put `policies` in force for every request that starts from now on; validated before the swap."""
         self._policies = _PolicySet(policies)

@@ -593,3 +593,122 @@ def test_sliding_wait_formula_matches_the_weighted_count() -> None:
     assert sliding_wait(0, 2, 4.0, 10.0, 5) == 0.0
     assert sliding_wait(1, 2, 4.0, 10.0, 5) == 0.0  # already below
     assert math.isclose(sliding_wait(3, 8, 4.0, 10.0, 5), 4.0 + 10.0 - 5 * 10 / 8 + 0.001)
+
+
+@pytest.mark.parametrize(
+    ("limiter_class", "strategy_storage_calls"),
+    [
+        ("FixedWindowRateLimiter", 3),
+        ("MovingWindowRateLimiter", 3),
+        ("SlidingWindowCounterRateLimiter", 3),
+    ],
+)
+async def test_clocked_storage_serves_limits_strategies(
+    limiter_class: str, strategy_storage_calls: int
+) -> None:
+    from limits import parse
+    from limits.aio import strategies
+
+    from nexus_middleware.ratelimit_backends import ClockedMemoryStorage
+
+    clock = ManualClock(wall=1_700_000_000.0)
+    storage = ClockedMemoryStorage(clock=clock, sweep_every=2)
+    strategy = getattr(strategies, limiter_class)(storage)
+    item = parse("3/10seconds")
+    assert await storage.check()
+    results = [await strategy.hit(item, "k") for _ in range(4)]
+    assert results == [True, True, True, False]
+    assert not await strategy.test(item, "k")
+    stats = await strategy.get_window_stats(item, "k")
+    assert stats.remaining == 0
+    assert await strategy.hit(item, "k", cost=5) is False
+    await strategy.clear(item, "k")
+    assert await strategy.test(item, "k")
+    assert await strategy.hit(item, "k")
+    clock.advance(20)
+    assert (await strategy.get_window_stats(item, "k")).remaining == 3
+    assert await storage.incr("plain", 10) == 1
+    assert await storage.get("plain") == 1
+    assert await storage.get_expiry("plain") == clock.time() + 10
+    clock.advance(11)
+    await storage.incr("other", 10)  # a write sweeps what expired
+    assert "plain" not in storage.counters
+    assert await storage.reset() is not None
+    assert storage.counters == {} and storage.events == {}
+
+
+async def test_failing_or_invalid_resolvers_fall_back_to_the_quota_defaults(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    answers: list[Any] = [RuntimeError("identity provider down"), "not a limit", "2/minute", "2/minute"]
+
+    async def resolver(principal: Principal | None, scope: Scope) -> str | None:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return str(answer)
+
+    app = limiter(RateLimitPolicy("api", quotas=(Quota("q", "7/minute", key="client", resolver=resolver),)))
+    assert quota_policies(await call(app))["q"]["q"] == 7
+    assert quota_policies(await call(app))["q"]["q"] == 7
+    assert quota_policies(await call(app))["q"]["q"] == 2
+    assert quota_policies(await call(app))["q"]["q"] == 2
+    assert "resolver of quota 'q' failed" in caplog.text
+    assert "invalid limits 'not a limit'" in caplog.text
+
+
+async def test_breaker_lets_one_trial_through_and_survives_a_cancelled_trial() -> None:
+    from nexus_middleware.errors import StorageUnavailableError
+    from nexus_middleware.ratelimit_backends import WindowState
+
+    class FlakyBackend:
+        """A store that fails, then hangs, then answers: the three states a real Redis goes through."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+            self.mode = "fail"
+            self.release = asyncio.Event()
+
+        async def acquire(self, checks: Any) -> list[WindowState]:
+            self.calls += 1
+            if self.mode == "fail":
+                raise StorageUnavailableError("down")
+            if self.mode == "hang":
+                await self.release.wait()
+            return [WindowState(True, 1, 1.0) for _ in checks]
+
+        async def aclose(self) -> None:
+            return None
+
+    clock = ManualClock()
+    backend = FlakyBackend()
+    app = RateLimitMiddleware(
+        ok_app,
+        policies=[RateLimitPolicy("api", "5/minute", on_store_error="fail_closed")],
+        storage=backend,
+        options=RateLimitOptions(breaker_cooldown=5),
+        clock=clock,
+    )
+    assert app.store_available
+    assert (await call(app)).status == 503
+    assert not app.store_available
+    assert (await call(app)).status == 503 and backend.calls == 1  # open: no call
+    clock.advance(5)
+    backend.mode = "hang"
+    trial = asyncio.create_task(call(app))
+    await asyncio.sleep(0.01)
+    assert (await call(app)).status == 503 and backend.calls == 2  # the trial is in flight: fail fast
+    trial.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await trial
+    backend.mode = "ok"
+    recovered = await call(app)
+    assert recovered.status == 200 and backend.calls == 3 and app.store_available
+    await app.aclose()
+
+
+async def test_websocket_without_policy_passes_through() -> None:
+    app = limiter(RateLimitPolicy("api", "1/minute", paths=("/api/*",)))
+    for _ in range(2):
+        recorded = await run_asgi(app, make_scope("/ws", scope_type="websocket"))
+        assert recorded.messages[0] == {"type": "websocket.accept"}

@@ -13,7 +13,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from nexus_middleware import RateLimitMiddleware, RateLimitOptions, RateLimitPolicy
+from nexus_middleware import ManualClock, RateLimitMiddleware, RateLimitOptions, RateLimitPolicy
 from nexus_middleware.structured_fields import parse_list
 from recipes.login_fail_closed import create_app as login_app
 from recipes.per_plan_limits import create_app as plan_app
@@ -25,7 +25,8 @@ def limits_of(response: httpx.Response, field: str = "ratelimit") -> dict[str, d
 
 
 async def test_per_plan_recipe_through_uvicorn() -> None:
-    async with serve(plan_app()) as url, httpx.AsyncClient(base_url=url) as client:
+    # A manual clock: a minute boundary passing mid-test would let the sliding window forgive earlier hits.
+    async with serve(plan_app(clock=ManualClock())) as url, httpx.AsyncClient(base_url=url) as client:
         free = {"x-demo-user": "fay; free"}
         statuses = [(await client.get("/items/1", headers=free)).status_code for _ in range(6)]
         assert statuses == [200] * 5 + [429]

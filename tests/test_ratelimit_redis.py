@@ -35,7 +35,7 @@ def redis_limiter(
 
 
 async def test_two_apps_share_one_limit(redis_url: str, redis_client: Any, redis_prefix: str) -> None:
-    policy = RateLimitPolicy("api", "5/minute", key="client")
+    policy = RateLimitPolicy("api", "5/hour", key="client")
     first = redis_limiter(redis_url, redis_prefix, policy)
     second = redis_limiter(redis_url, redis_prefix, policy)
     try:
@@ -51,18 +51,18 @@ async def test_two_apps_share_one_limit(redis_url: str, redis_client: Any, redis
 @pytest.mark.parametrize("strategy", STRATEGIES)
 async def test_strategies_on_redis(redis_client: Any, redis_prefix: str, strategy: str) -> None:
     app = redis_limiter(
-        redis_client, redis_prefix, RateLimitPolicy("api", "3/minute;10/hour", strategy=strategy)
+        redis_client, redis_prefix, RateLimitPolicy("api", "3/hour;10/day", strategy=strategy)
     )  # type: ignore[arg-type]
     recorded = [await call(app) for _ in range(4)]
     assert [r.status for r in recorded] == [200, 200, 200, 429]
-    assert [service_limits(r)["api-60s"]["r"] for r in recorded[:3]] == [2, 1, 0]
-    assert service_limits(recorded[2])["api-3600s"]["r"] == 7
+    assert [service_limits(r)["api-3600s"]["r"] for r in recorded[:3]] == [2, 1, 0]
+    assert service_limits(recorded[2])["api-86400s"]["r"] == 7
     refused = recorded[3]
-    assert refused.json()["violated-policies"] == ["api-60s"]
-    t = service_limits(refused)["api-60s"]["t"]
-    assert 0 < t <= int(refused.header("retry-after") or 0) <= 61
+    assert refused.json()["violated-policies"] == ["api-3600s"]
+    t = service_limits(refused)["api-3600s"]["t"]
+    assert 0 < t <= int(refused.header("retry-after") or 0) <= 3601
     # the refusal consumed nothing: the hour window still shows 7
-    assert quota_policies(refused)["api-3600s"]["q"] == 10
+    assert quota_policies(refused)["api-86400s"]["q"] == 10
     keys = [key async for key in redis_client.scan_iter(match=redis_prefix + "*")]
     assert keys
 
@@ -74,7 +74,7 @@ async def test_hierarchical_all_or_nothing_is_atomic_in_redis(
     policy = RateLimitPolicy(
         "api",
         strategy=strategy,  # type: ignore[arg-type]
-        quotas=(Quota("user", "2/minute", key="principal"), Quota("org", "3/minute", key="tenant")),
+        quotas=(Quota("user", "2/hour", key="principal"), Quota("org", "3/hour", key="tenant")),
     )
     app = redis_limiter(redis_client, redis_prefix, policy)
     alice = Principal("alice", method="jwt", tenant="acme")
@@ -253,7 +253,7 @@ async def test_limits_storage_from_string_is_accepted(redis_url: str, redis_pref
     from limits.storage import storage_from_string
 
     storage = storage_from_string("async+" + redis_url, implementation="redispy")
-    app = redis_limiter(storage, redis_prefix, RateLimitPolicy("api", "1/minute"))
+    app = redis_limiter(storage, redis_prefix, RateLimitPolicy("api", "1/hour"))
     try:
         assert [(await call(app)).status for _ in range(2)] == [200, 429]
         assert "RedisLimiterBackend" in repr(app)
