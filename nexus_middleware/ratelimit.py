@@ -401,8 +401,11 @@ class RateLimitMiddleware:
             breaker.succeeded()
             settled = True
             return states
-        except StorageError as exc:
-            logger.warning("rate-limit store unavailable: %s", exc)
+        except Exception as exc:  # any backend failure is an outage, never a 500
+            if isinstance(exc, StorageError):
+                logger.warning("rate-limit store unavailable: %s", exc)
+            else:
+                logger.exception("rate-limit backend failed")
             breaker.failed()
             settled = True
             return None

@@ -87,6 +87,18 @@ def _check_name(name: str, what: str) -> None:
         raise ConfigurationError(f"{what} name {name!r} must be non-empty printable ASCII without quotes")
 
 
+def _only(data: Mapping[str, Any], allowed: set[str], what: str) -> None:
+    if not isinstance(data, Mapping):
+        raise ConfigurationError(f"a {what} must be a mapping, not {data!r}")
+    unknown = set(data) - allowed
+    if unknown:
+        raise ConfigurationError(f"unknown {what} fields {sorted(unknown)}; allowed: {sorted(allowed)}")
+
+
+def _describe(key: object) -> str:
+    return key if isinstance(key, str) else "<callable>"
+
+
 @dataclass(frozen=True, slots=True)
 class Quota:
     """One scope a request draws on: windows, whose bucket (`key`), and where its windows come from.
@@ -118,6 +130,26 @@ class Quota:
         object.__setattr__(self, "plan_windows", MappingProxyType(plan_windows))
         if not self.windows and not self.plans and self.resolver is None:
             raise ConfigurationError(f"quota {self.name!r} has no limits, plans or resolver")
+
+    @classmethod
+    def from_config(cls, data: Mapping[str, Any]) -> "Quota":
+        """From plain config: `{"name": "user", "limits": "10/second", "key": "principal", "plans": {}}`."""
+        _only(data, {"name", "limits", "key", "plans"}, "quota")
+        return cls(
+            str(data.get("name", "")),
+            str(data.get("limits", "")),
+            key=str(data.get("key", "principal_or_client")),
+            plans={str(plan): str(limits) for plan, limits in dict(data.get("plans") or {}).items()},
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        """Plain data for an admin API; a callable key or a resolver shows as `"<callable>"`."""
+        data: dict[str, Any] = {"name": self.name, "limits": self.limits, "key": _describe(self.key)}
+        if self.plans:
+            data["plans"] = dict(self.plans)
+        if self.resolver is not None:
+            data["resolver"] = "<callable>"
+        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +211,58 @@ class RateLimitPolicy:
         if len(set(names)) != len(names):
             raise ConfigurationError(f"policy {self.name!r} draws twice on one quota: {names}")
         object.__setattr__(self, "all_quotas", tuple(quotas))
+
+    @classmethod
+    def from_config(cls, data: Mapping[str, Any]) -> "RateLimitPolicy":
+        """From plain config (YAML/JSON): the fields of the class, `quotas` as a list of quota mappings,
+        `paths` and `methods` as lists. Unknown fields raise `ConfigurationError`."""
+        _only(
+            data,
+            {
+                "name",
+                "limits",
+                "key",
+                "quotas",
+                "paths",
+                "methods",
+                "strategy",
+                "cost",
+                "shadow",
+                "on_store_error",
+            },
+            "policy",
+        )
+        methods = data.get("methods")
+        return cls(
+            str(data.get("name", "")),
+            str(data.get("limits", "")),
+            key=str(data.get("key", "principal_or_client")),
+            quotas=tuple(Quota.from_config(quota) for quota in data.get("quotas") or ()),
+            paths=tuple(data.get("paths") or ("*",)),
+            methods=None if methods is None else frozenset(methods),
+            strategy=data.get("strategy", "sliding-window-counter"),
+            cost=data.get("cost", 1),
+            shadow=bool(data.get("shadow", False)),
+            on_store_error=data.get("on_store_error", "fail_open"),
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        """Plain data for an admin API (`from_config(policy.to_config())` rebuilds it, callables aside)."""
+        data: dict[str, Any] = {"name": self.name}
+        if self.limits:
+            data["limits"] = self.limits
+            data["key"] = _describe(self.key)
+        if self.quotas:
+            data["quotas"] = [quota.to_config() for quota in self.quotas]
+        data.update(
+            paths=list(self.paths),
+            methods=None if self.methods is None else sorted(self.methods),
+            strategy=self.strategy,
+            cost=self.cost if isinstance(self.cost, int) else "<callable>",
+            shadow=self.shadow,
+            on_store_error=self.on_store_error,
+        )
+        return data
 
 
 @dataclass(frozen=True, slots=True)

@@ -712,3 +712,81 @@ async def test_websocket_without_policy_passes_through() -> None:
     for _ in range(2):
         recorded = await run_asgi(app, make_scope("/ws", scope_type="websocket"))
         assert recorded.messages[0] == {"type": "websocket.accept"}
+
+
+def test_policies_from_and_to_plain_config() -> None:
+    config = {
+        "name": "api",
+        "limits": "10/second",
+        "key": "client",
+        "quotas": [{"name": "org", "limits": "100/minute", "key": "tenant", "plans": {"pro": "1000/minute"}}],
+        "paths": ["/api/*"],
+        "methods": ["get", "POST"],
+        "strategy": "moving-window",
+        "cost": 2,
+        "shadow": True,
+        "on_store_error": "fail_closed",
+    }
+    policy = RateLimitPolicy.from_config(config)
+    assert policy.methods == frozenset({"GET", "POST"})
+    assert [q.name for q in policy.all_quotas] == ["api", "org"]
+    assert policy.all_quotas[1].plan_windows["pro"][0].amount == 1000
+    assert RateLimitPolicy.from_config(policy.to_config()) == policy
+    assert policy.to_config()["methods"] == ["GET", "POST"]
+    minimal = RateLimitPolicy.from_config({"name": "all", "limits": "5/minute"})
+    assert minimal.to_config() == {
+        "name": "all",
+        "limits": "5/minute",
+        "key": "principal_or_client",
+        "paths": ["*"],
+        "methods": None,
+        "strategy": "sliding-window-counter",
+        "cost": 1,
+        "shadow": False,
+        "on_store_error": "fail_open",
+    }
+
+    async def key(scope: Scope) -> str | None:
+        return None
+
+    async def resolver(principal: Principal | None, scope: Scope) -> str | None:
+        return None
+
+    dynamic = RateLimitPolicy("d", cost=key, quotas=(Quota("q", key=key, resolver=resolver),))  # type: ignore[arg-type]
+    assert dynamic.to_config()["cost"] == "<callable>"
+    assert dynamic.to_config()["quotas"] == [
+        {"name": "q", "limits": "", "key": "<callable>", "resolver": "<callable>"}
+    ]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"name": "api", "limits": "1/second", "burst": 3},
+        {"name": "api", "quotas": [{"name": "q", "limits": "1/second", "scope": "x"}]},
+        {"name": "api", "quotas": ["1/second"]},
+        {"name": "api", "limits": "1/second", "strategy": "leaky"},
+    ],
+)
+def test_invalid_plain_config_is_refused(config: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        RateLimitPolicy.from_config(config)
+
+
+async def test_a_backend_failing_unexpectedly_degrades_instead_of_a_500(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class BrokenBackend:
+        async def acquire(self, checks: Any) -> Any:
+            raise ValueError("bug in a custom backend")
+
+        async def aclose(self) -> None:
+            return None
+
+    app = RateLimitMiddleware(ok_app, policies=[RateLimitPolicy("api", "1/second")], storage=BrokenBackend())
+    scope = make_scope("/x")
+    recorded = await run_asgi(app, scope)
+    assert recorded.status == 200
+    decision = get_context(scope).decision("ratelimit")
+    assert decision is not None and decision.outcome == "degraded"
+    assert "rate-limit backend failed" in caplog.text
