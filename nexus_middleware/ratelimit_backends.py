@@ -328,13 +328,10 @@ for i = 1, n do
     s.ttl = tonumber(redis.call('PTTL', s.key))
     s.ok = s.cost <= s.limit and s.count + s.cost <= s.limit
   elseif s.kind == 'm' then
-    s.hits = redis.call('LRANGE', s.key, 0, s.limit - 1)
-    local c = 0
-    for _, h in ipairs(s.hits) do
-      if tonumber(h) > now - s.expiry then c = c + 1 else break end
-    end
-    s.count = c
-    s.ok = s.cost <= s.limit and c + s.cost <= s.limit
+    -- a sorted set of hit times: dropping the expired ones changes no answer, and counting is O(1)
+    redis.call('ZREMRANGEBYSCORE', s.key, '-inf', now - s.expiry)
+    s.count = redis.call('ZCARD', s.key)
+    s.ok = s.cost <= s.limit and s.count + s.cost <= s.limit
   else
     local w = math.floor(now / s.expiry)
     s.ckey = s.key .. ':' .. w
@@ -354,13 +351,9 @@ if admitted then
         s.count = redis.call('INCRBY', s.key, s.cost)
         if s.ttl < 0 then redis.call('PEXPIRE', s.key, s.expiry); s.ttl = s.expiry end
       elseif s.kind == 'm' then
-        for _ = 1, s.cost do redis.call('LPUSH', s.key, now) end
-        redis.call('LTRIM', s.key, 0, s.limit - 1)
+        -- members are unique: within one millisecond the count only grows
+        for j = 1, s.cost do redis.call('ZADD', s.key, now, now .. ':' .. (s.count + j)) end
         redis.call('PEXPIRE', s.key, s.expiry)
-        local hits = {}
-        for _ = 1, s.cost do hits[#hits + 1] = tostring(now) end
-        for _, h in ipairs(s.hits) do hits[#hits + 1] = h end
-        s.hits = hits
         s.count = s.count + s.cost
       else
         s.cur = redis.call('INCRBY', s.ckey, s.cost)
@@ -386,8 +379,11 @@ for i = 1, n do
   if s.kind == 'f' then
     if remaining < units and s.count > 0 then wait = math.max(s.ttl, 0) end
   elseif s.kind == 'm' then
-    local h = s.hits[s.limit - units + 1]
-    if h and tonumber(h) > now - s.expiry then wait = tonumber(h) + s.expiry - now end
+    local newest_first = s.limit - units
+    if newest_first < s.count then
+      local hit = redis.call('ZREVRANGE', s.key, newest_first, newest_first, 'WITHSCORES')
+      wait = math.max(0, tonumber(hit[2]) + s.expiry - now)
+    end
   else
     local target = s.limit - units + 1
     if s.cur < target then
