@@ -462,7 +462,7 @@ class RedisLimiterBackend:
 
 def limiter_backend(storage: object, *, clock: Clock, timeout: float) -> LimiterBackend:
     """A backend from a URL (`memory://`, `redis://`, `async+redis://`), a redis.asyncio client, a limits
-    async Redis storage (its connection is reused), or a `LimiterBackend`."""
+    async Redis storage (its connection is reused), a `ClockedMemoryStorage`, or a `LimiterBackend`."""
     if isinstance(storage, str):
         if storage in ("memory://", "async+memory://", "memory"):
             return MemoryLimiterBackend(clock=clock)
@@ -471,6 +471,12 @@ def limiter_backend(storage: object, *, clock: Clock, timeout: float) -> Limiter
         raise ConfigurationError(f"unsupported rate-limit storage {storage!r}: use memory:// or redis://")
     if isinstance(storage, LimiterBackend):
         return storage
+    if isinstance(storage, ClockedMemoryStorage):
+        return MemoryLimiterBackend(storage=storage)
+    if isinstance(storage, Storage) and not hasattr(storage, "bridge"):
+        raise ConfigurationError(
+            f"{type(storage).__name__} is not supported: use 'memory://' (a ClockedMemoryStorage) or Redis"
+        )
     if hasattr(storage, "register_script"):
         return RedisLimiterBackend(storage, timeout=timeout)  # type: ignore[arg-type]
     bridge = getattr(storage, "bridge", None)

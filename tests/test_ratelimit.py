@@ -532,6 +532,12 @@ async def test_websocket_messages_spread_over_time_pass() -> None:
     assert count == 6
 
 
+def _limits_memory_storage() -> object:
+    from limits.aio.storage import MemoryStorage
+
+    return MemoryStorage()
+
+
 @pytest.mark.parametrize(
     "build",
     [
@@ -555,6 +561,7 @@ async def test_websocket_messages_spread_over_time_pass() -> None:
         lambda: RateLimitMiddleware(ok_app, policies=[], options=RateLimitOptions(exempt_networks=("x",))),
         lambda: RateLimitMiddleware(ok_app, policies=[], storage="mongodb://x"),
         lambda: RateLimitMiddleware(ok_app, policies=[], storage=42),
+        lambda: RateLimitMiddleware(ok_app, policies=[], storage=_limits_memory_storage()),
         lambda: RateLimitMiddleware(ok_app, policies=["api"]),  # type: ignore[list-item]
         lambda: RateLimitMiddleware(ok_app, policies=[], options={}),  # type: ignore[arg-type]
         lambda: RateLimitMiddleware(ok_app, policies=[], event_hook=3),  # type: ignore[arg-type]
@@ -790,3 +797,17 @@ async def test_a_backend_failing_unexpectedly_degrades_instead_of_a_500(
     decision = get_context(scope).decision("ratelimit")
     assert decision is not None and decision.outcome == "degraded"
     assert "rate-limit backend failed" in caplog.text
+
+
+async def test_a_clocked_storage_instance_is_shared_by_two_middlewares() -> None:
+    from nexus_middleware.ratelimit_backends import ClockedMemoryStorage
+
+    storage = ClockedMemoryStorage(clock=ManualClock())
+    first = RateLimitMiddleware(
+        ok_app, policies=[RateLimitPolicy("api", "1/hour", key="client")], storage=storage
+    )
+    second = RateLimitMiddleware(
+        ok_app, policies=[RateLimitPolicy("api", "1/hour", key="client")], storage=storage
+    )
+    assert (await call(first)).status == 200
+    assert (await call(second)).status == 429
