@@ -141,6 +141,7 @@ class RateLimitMiddleware:
         self._ws_windows = parse_windows(options.websocket_messages) if options.websocket_messages else ()
         self._parsed: dict[str, tuple[RateLimitItem, ...]] = {}
         self._scaled: dict[RateLimitItem, RateLimitItem] = {}
+        self._partitions: dict[str, str] = {}
 
     def __repr__(self) -> str:
         names = [policy.name for policy in self._policies.policies]
@@ -292,8 +293,7 @@ class RateLimitMiddleware:
             key = f"{self._prefix}{quota.name}:{value}"
             partition = ""
             if self.options.partition_keys and quota.key != "global":
-                digest = hashlib.blake2b(key.encode(), digest_size=9).digest()
-                partition = ";pk=:" + base64.b64encode(digest).decode("ascii") + ":"
+                partition = self._partitions.get(key) or self._partition(key)
             for item in items:
                 label = quota.name if len(items) == 1 else f"{quota.name}-{item.get_expiry()}s"
                 windows.append(_Window(quota, label, key, partition, item))
@@ -436,6 +436,14 @@ class RateLimitMiddleware:
                 scope, send, problem, headers=[(b"retry-after", str(retry_after).encode())], layer=LAYER
             )
         return None
+
+    def _partition(self, key: str) -> str:
+        digest = hashlib.blake2b(key.encode(), digest_size=9).digest()
+        partition = ";pk=:" + base64.b64encode(digest).decode("ascii") + ":"
+        if len(self._partitions) >= 4096:  # bounded: one entry per recently seen bucket
+            self._partitions.clear()
+        self._partitions[key] = partition
+        return partition
 
     def _scale(self, item: RateLimitItem) -> RateLimitItem:
         scaled = self._scaled.get(item)

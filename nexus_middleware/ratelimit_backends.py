@@ -107,16 +107,18 @@ class ClockedMemoryStorage(
         return self._clock.time()
 
     def counter(self, key: str) -> int:
-        if self.expirations.get(key, 0.0) <= self.now():
-            self.counters.pop(key, None)
-            self.expirations.pop(key, None)
+        expires = self.expirations.get(key)
+        if expires is None:
             return 0
-        return self.counters.get(key, 0)
+        if expires <= self._clock.time():
+            del self.counters[key], self.expirations[key]
+            return 0
+        return self.counters[key]
 
     def add(self, key: str, expiry: float, amount: int) -> int:
         value = self.counter(key) + amount
         if key not in self.expirations:
-            self.expirations[key] = self.now() + expiry
+            self.expirations[key] = self._clock.time() + expiry
         self.counters[key] = value
         self._wrote()
         return value
