@@ -436,20 +436,34 @@ async def test_policies_are_replaced_at_runtime() -> None:
     assert app.policies == ()  # a rejected replacement leaves the previous set in force
 
 
-@pytest.mark.parametrize("scope_type", ["memory"])
-async def test_hundred_concurrent_requests_against_fifty(scope_type: str) -> None:
-    gate = asyncio.Event()
+class HeldApp:
+    """Holds every admitted request until `expected` have arrived, so all of them overlap in flight."""
 
-    async def slow(scope: Scope, receive: Receive, send: Send) -> None:
-        await gate.wait()
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.arrived = 0
+        self.gate = asyncio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.arrived += 1
+        if self.arrived >= self.expected:
+            self.gate.set()
+        await self.gate.wait()
         await ok_app(scope, receive, send)
 
-    app = limiter(RateLimitPolicy("api", "50/minute", key="client"), app=slow)
-    tasks = [asyncio.create_task(call(app)) for _ in range(100)]
-    await asyncio.sleep(0)
-    gate.set()
-    statuses = [r.status for r in await asyncio.gather(*tasks)]
+
+async def hundred_against_fifty(app: ASGIApp, held: HeldApp) -> None:
+    async with asyncio.timeout(30):  # fewer than 50 admitted would hold the gate shut
+        statuses = [r.status for r in await asyncio.gather(*(call(app) for _ in range(100)))]
     assert statuses.count(200) == 50 and statuses.count(429) == 50
+    assert held.arrived == 50
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+async def test_hundred_concurrent_requests_against_fifty_in_memory(strategy: str) -> None:
+    held = HeldApp(50)
+    policy = RateLimitPolicy("api", "50/minute", key="client", strategy=strategy)  # type: ignore[arg-type]
+    await hundred_against_fifty(limiter(policy, app=held), held)
 
 
 async def test_invalid_path_is_a_400_problem() -> None:
@@ -675,12 +689,14 @@ async def test_breaker_lets_one_trial_through_and_survives_a_cancelled_trial() -
             self.calls = 0
             self.mode = "fail"
             self.release = asyncio.Event()
+            self.entered = asyncio.Event()
 
         async def acquire(self, checks: Any) -> list[WindowState]:
             self.calls += 1
             if self.mode == "fail":
                 raise StorageUnavailableError("down")
             if self.mode == "hang":
+                self.entered.set()
                 await self.release.wait()
             return [WindowState(True, 1, 1.0) for _ in checks]
 
@@ -703,7 +719,7 @@ async def test_breaker_lets_one_trial_through_and_survives_a_cancelled_trial() -
     clock.advance(5)
     backend.mode = "hang"
     trial = asyncio.create_task(call(app))
-    await asyncio.sleep(0.01)
+    await backend.entered.wait()
     assert (await call(app)).status == 503 and backend.calls == 2  # the trial is in flight: fail fast
     trial.cancel()
     with pytest.raises(asyncio.CancelledError):
