@@ -470,6 +470,15 @@ def limiter_backend(storage: object, *, clock: Clock, timeout: float) -> Limiter
             return MemoryLimiterBackend(clock=clock)
         if storage.startswith(("redis://", "rediss://", "unix://", "async+redis://", "async+rediss://")):
             return RedisLimiterBackend.from_url(storage, timeout=timeout)
+        if storage.removeprefix("async+").startswith(("redis+sentinel://", "redis+cluster://")):
+            # limits parses these URIs (sentinel service names, cluster node lists); its connection is reused
+            from limits.storage import storage_from_string
+
+            limits_storage = storage_from_string(
+                "async+" + storage.removeprefix("async+"), implementation="redispy"
+            )
+            connection = getattr(limits_storage, "bridge").get_connection()  # noqa: B009 - not in limits' types
+            return RedisLimiterBackend(connection, timeout=timeout)
         raise ConfigurationError(f"unsupported rate-limit storage {storage!r}: use memory:// or redis://")
     if isinstance(storage, LimiterBackend):
         return storage

@@ -827,3 +827,18 @@ async def test_a_clocked_storage_instance_is_shared_by_two_middlewares() -> None
     )
     assert (await call(first)).status == 200
     assert (await call(second)).status == 429
+
+
+@pytest.mark.parametrize(
+    ("url", "client_class"),
+    [
+        ("redis+sentinel://127.0.0.1:1/mymaster", "Redis"),
+        ("async+redis+cluster://127.0.0.1:1,127.0.0.1:2", "RedisCluster"),
+    ],
+)
+def test_sentinel_and_cluster_uris_are_accepted_without_io(url: str, client_class: str) -> None:
+    from nexus_middleware.ratelimit_backends import RedisLimiterBackend
+
+    app = RateLimitMiddleware(ok_app, policies=[RateLimitPolicy("api", "1/second")], storage=url)
+    assert isinstance(app.backend, RedisLimiterBackend)
+    assert type(app.backend.client).__name__ == client_class
