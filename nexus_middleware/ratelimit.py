@@ -326,6 +326,9 @@ class RateLimitMiddleware:
         if key == "tenant":
             value = principal.tenant if principal is not None else None
             return None if value is None else "tenant:" + _bounded(value)
+        if key == "plan":
+            plan = None if principal is None else principal.plan or principal.claims.get("plan")
+            return "plan:" + _bounded(plan) if isinstance(plan, str) and plan else None
         if key == "api_key":
             value = principal.key_id if principal is not None else None
             return None if value is None else "key:" + _bounded(value)
@@ -352,23 +355,34 @@ class RateLimitMiddleware:
                     "rate-limit resolver of quota %r failed; using its default limits", quota.name
                 )
                 text = None
-            if text is not None:
-                parsed = self._parsed.get(text)
-                if parsed is None:
-                    try:
-                        parsed = parse_windows(text)
-                    except ConfigurationError:
-                        logger.error("quota %r: resolver returned invalid limits %r", quota.name, text)
-                        return quota.windows
-                    if len(self._parsed) >= 1024:
-                        self._parsed.clear()
-                    self._parsed[text] = parsed
+            parsed = self._parse(quota, text, "resolver")
+            if parsed is not None:
+                return parsed
+        if quota.claim is not None and principal is not None:
+            value = principal.claims.get(quota.claim)
+            parsed = self._parse(quota, value if isinstance(value, str) else None, f"claim {quota.claim!r}")
+            if parsed is not None:
                 return parsed
         if quota.plan_windows and principal is not None:
             plan = principal.plan or principal.claims.get("plan")
             if isinstance(plan, str) and plan in quota.plan_windows:
                 return quota.plan_windows[plan]
         return quota.windows
+
+    def _parse(self, quota: Quota, text: str | None, source: str) -> tuple[RateLimitItem, ...] | None:
+        if text is None:
+            return None
+        parsed = self._parsed.get(text)
+        if parsed is None:
+            try:
+                parsed = parse_windows(text)
+            except ConfigurationError:
+                logger.error("quota %r: %s gave invalid limits %r", quota.name, source, text)
+                return None
+            if len(self._parsed) >= 1024:  # bounded: plans and key tiers are few
+                self._parsed.clear()
+            self._parsed[text] = parsed
+        return parsed
 
     def _client(self, scope: Scope, context: RequestContext) -> str | None:
         address = context.client

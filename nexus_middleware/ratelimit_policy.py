@@ -35,7 +35,7 @@ __all__ = [
 Strategy = Literal["sliding-window-counter", "moving-window", "fixed-window"]
 OutagePolicy = Literal["fail_open", "fail_closed", "local_fallback"]
 KeyKind = Literal[
-    "client", "principal", "principal_or_client", "tenant", "api_key", "route", "path", "global"
+    "client", "principal", "principal_or_client", "tenant", "plan", "api_key", "route", "path", "global"
 ]
 
 KeyFunction = Callable[[Scope], Awaitable[str | None]]
@@ -108,8 +108,11 @@ class Quota:
       `"principal_or_client"`, `"tenant"`, `"api_key"` (`Principal.key_id`), `"route"` (method and matched
       pattern), `"path"` (normalized, case-folded path), `"global"`, `"header:<name>"`, or an async
       `KeyFunction`. A key that resolves to None (no tenant, anonymous caller) leaves the quota out.
+    - `claim`: a claim of the Principal (token claim or API-key metadata) holding this caller's windows,
+      e.g. `"rate_limit": "100/minute"`; absent or invalid: the next source.
     - `plans`: windows per plan (`Principal.plan`, else the `plan` claim), overriding `limits`.
     - `resolver`: an async `LimitsResolver` consulted first; it returns windows or None for the defaults.
+    Where windows come from, first found: `resolver`, `claim`, `plans`, `limits`.
     Quotas with the same name share buckets, whichever policy draws on them.
     """
 
@@ -118,6 +121,7 @@ class Quota:
     key: str | KeyFunction = "principal_or_client"
     plans: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     resolver: LimitsResolver | None = None
+    claim: str | None = None
     windows: tuple[RateLimitItem, ...] = field(init=False, repr=False, compare=False)
     plan_windows: Mapping[str, tuple[RateLimitItem, ...]] = field(init=False, repr=False, compare=False)
 
@@ -128,18 +132,19 @@ class Quota:
         object.__setattr__(self, "windows", parse_windows(self.limits))
         plan_windows = {plan: parse_windows(limits) for plan, limits in self.plans.items()}
         object.__setattr__(self, "plan_windows", MappingProxyType(plan_windows))
-        if not self.windows and not self.plans and self.resolver is None:
+        if not self.windows and not self.plans and self.resolver is None and self.claim is None:
             raise ConfigurationError(f"quota {self.name!r} has no limits, plans or resolver")
 
     @classmethod
     def from_config(cls, data: Mapping[str, Any]) -> "Quota":
         """From plain config: `{"name": "user", "limits": "10/second", "key": "principal", "plans": {}}`."""
-        _only(data, {"name", "limits", "key", "plans"}, "quota")
+        _only(data, {"name", "limits", "key", "plans", "claim"}, "quota")
         return cls(
             str(data.get("name", "")),
             str(data.get("limits", "")),
             key=str(data.get("key", "principal_or_client")),
             plans={str(plan): str(limits) for plan, limits in dict(data.get("plans") or {}).items()},
+            claim=None if data.get("claim") is None else str(data["claim"]),
         )
 
     def to_config(self) -> dict[str, Any]:
@@ -147,6 +152,8 @@ class Quota:
         data: dict[str, Any] = {"name": self.name, "limits": self.limits, "key": _describe(self.key)}
         if self.plans:
             data["plans"] = dict(self.plans)
+        if self.claim is not None:
+            data["claim"] = self.claim
         if self.resolver is not None:
             data["resolver"] = "<callable>"
         return data

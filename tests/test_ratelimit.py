@@ -675,7 +675,7 @@ async def test_failing_or_invalid_resolvers_fall_back_to_the_quota_defaults(
     assert quota_policies(await call(app))["q"]["q"] == 2
     assert quota_policies(await call(app))["q"]["q"] == 2
     assert "resolver of quota 'q' failed" in caplog.text
-    assert "invalid limits 'not a limit'" in caplog.text
+    assert "resolver gave invalid limits 'not a limit'" in caplog.text
 
 
 async def test_breaker_lets_one_trial_through_and_survives_a_cancelled_trial() -> None:
@@ -842,3 +842,23 @@ def test_sentinel_and_cluster_uris_are_accepted_without_io(url: str, client_clas
     app = RateLimitMiddleware(ok_app, policies=[RateLimitPolicy("api", "1/second")], storage=url)
     assert isinstance(app.backend, RedisLimiterBackend)
     assert type(app.backend.client).__name__ == client_class
+
+
+async def test_windows_from_api_key_metadata_claim() -> None:
+    policy = RateLimitPolicy(
+        "api",
+        quotas=(Quota("key", "1/minute", key="api_key", claim="rate_limit", plans={"pro": "2/minute"}),),
+    )
+    app = limiter(policy)
+    custom = Principal("k", method="api_key", key_id="k1", plan="pro", claims={"rate_limit": "3/minute"})
+    assert quota_policies(await call(app, principal=custom))["key"]["q"] == 3  # the claim beats the plan
+    broken = Principal("k", method="api_key", key_id="k2", plan="pro", claims={"rate_limit": "lots"})
+    assert quota_policies(await call(app, principal=broken))["key"]["q"] == 2  # invalid: next source
+    plain = Principal("k", method="api_key", key_id="k3")
+    assert quota_policies(await call(app, principal=plain))["key"]["q"] == 1
+    assert Quota.from_config({"name": "key", "claim": "rate_limit"}).to_config() == {
+        "name": "key",
+        "limits": "",
+        "key": "principal_or_client",
+        "claim": "rate_limit",
+    }
