@@ -502,7 +502,8 @@ class RateLimitMiddleware:
     ) -> None:
         if scope["type"] == "websocket":
             if headers or self._ws_windows:
-                await _WebsocketResponder(self, headers or [], scope, receive, send).run()
+                responder = _WebsocketResponder(self.app, self._ws_windows, self._clock, headers or [])
+                await responder(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
             return
@@ -550,56 +551,57 @@ class RateLimitMiddleware:
 class _WebsocketResponder:
     """Adds the rate headers to the handshake accept and enforces the per-connection message limit."""
 
-    __slots__ = ("app", "closed", "headers", "hits", "limiter", "receive", "scope", "send")
+    __slots__ = ("app", "clock", "closed", "headers", "hits", "windows")
 
     def __init__(
         self,
-        limiter: RateLimitMiddleware,
+        app: ASGIApp,
+        windows: tuple[RateLimitItem, ...],
+        clock: Clock,
         headers: list[tuple[bytes, bytes]],
-        scope: Scope,
-        receive: Receive,
-        send: Send,
     ) -> None:
-        self.limiter = limiter
-        self.app = limiter.app
+        self.app = app
+        self.windows = windows
+        self.clock = clock
         self.headers = headers
-        self.scope = scope
-        self.receive = receive
-        self.send = send
         self.closed = False
-        self.hits: list[deque[float]] = [deque() for _ in limiter._ws_windows]
+        self.hits: list[deque[float]] = [deque() for _ in windows]
 
-    async def run(self) -> None:
-        await self.app(self.scope, self.receive_limited, self.send_with_headers)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if self.closed:
+                return  # we closed the connection for the app; it learns so on its next receive
+            if message["type"] == "websocket.accept" and self.headers:
+                message["headers"] = [*message.get("headers", ()), *self.headers]
+            await send(message)
 
-    async def send_with_headers(self, message: Message) -> None:
-        if self.closed:
-            return  # we closed the connection for the app; it learns so on its next receive
-        if message["type"] == "websocket.accept" and self.headers:
-            message["headers"] = [*message.get("headers", ()), *self.headers]
-        await self.send(message)
+        async def receive_limited() -> Message:
+            message = await receive()
+            if message["type"] != "websocket.receive" or not self.windows or self.closed:
+                return message
+            if self._admit():
+                return message
+            self.closed = True
+            get_context(scope).record(LAYER, "deny", rule="websocket_messages", reason="message_rate")
+            await send({"type": "websocket.close", "code": 1008, "reason": "message rate limit exceeded"})
+            return {"type": "websocket.disconnect", "code": 1008}
 
-    async def receive_limited(self) -> Message:
-        message = await self.receive()
-        if message["type"] != "websocket.receive" or not self.hits or self.closed:
-            return message
-        now = self.limiter._clock.monotonic()
+        await self.app(scope, receive_limited, send_with_headers)
+
+    def _admit(self) -> bool:
+        now = self.clock.monotonic()
         exceeded = False
-        for item, hits in zip(self.limiter._ws_windows, self.hits, strict=True):
+        for item, hits in zip(self.windows, self.hits, strict=True):
             cutoff = now - item.get_expiry()
             while hits and hits[0] <= cutoff:
                 hits.popleft()
             if len(hits) >= item.amount:
                 exceeded = True
-        if not exceeded:
-            for hits in self.hits:
-                hits.append(now)
-            return message
-        self.closed = True
-        context = get_context(self.scope)
-        context.record(LAYER, "deny", rule="websocket_messages", reason="message_rate")
-        await self.send({"type": "websocket.close", "code": 1008, "reason": "message rate limit exceeded"})
-        return {"type": "websocket.disconnect", "code": 1008}
+        if exceeded:
+            return False
+        for hits in self.hits:
+            hits.append(now)
+        return True
 
 
 def _bounded(value: str) -> str:
