@@ -1,35 +1,76 @@
 """nexus-middleware: composable pure-ASGI middlewares for an API gateway edge."""
 
+from nexus_middleware.access_log import AccessLogMiddleware
+from nexus_middleware.audit import (
+    AuditLogMiddleware,
+    AuditSink,
+    CallbackSink,
+    LoggerSink,
+    SinkPolicy,
+    WebhookSink,
+)
+from nexus_middleware.bearer import ClaimMapping, TokenLocation
 from nexus_middleware.client import ClientAddressResolver
 from nexus_middleware.clock import Clock, ManualClock, SystemClock
 from nexus_middleware.context import Decision, Principal, RequestContext, current_context, get_context
 from nexus_middleware.errors import ConfigurationError, NexusError
+from nexus_middleware.exceptions import ProblemDetailsMiddleware
+from nexus_middleware.introspection import IntrospectionMiddleware, IntrospectionPolicy
+from nexus_middleware.jwks import JWKSCache, JWKSPolicy
+from nexus_middleware.jwt_auth import JWTAuthMiddleware, JWTIssuer, JWTPolicy, RevocationList
+from nexus_middleware.metrics import MetricsApp, MetricsMiddleware, register_gauge_source
 from nexus_middleware.paths import PathPattern, RouteTable, normalize_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.ratelimit import RateLimitMiddleware
 from nexus_middleware.ratelimit_policy import Quota, RateLimitEvent, RateLimitOptions, RateLimitPolicy
+from nexus_middleware.redaction import Redactor
+from nexus_middleware.tracing import TracingMiddleware, inject_trace_headers
 
 __all__ = [
+    "AccessLogMiddleware",
+    "AuditLogMiddleware",
+    "AuditSink",
+    "CallbackSink",
+    "ClaimMapping",
     "ClientAddressResolver",
     "Clock",
     "ConfigurationError",
     "Decision",
+    "IntrospectionMiddleware",
+    "IntrospectionPolicy",
+    "JWKSCache",
+    "JWKSPolicy",
+    "JWTAuthMiddleware",
+    "JWTIssuer",
+    "JWTPolicy",
+    "LoggerSink",
     "ManualClock",
+    "MetricsApp",
+    "MetricsMiddleware",
     "NexusError",
     "PathPattern",
     "Principal",
     "Problem",
+    "ProblemDetailsMiddleware",
     "Quota",
     "RateLimitEvent",
     "RateLimitMiddleware",
     "RateLimitOptions",
     "RateLimitPolicy",
+    "Redactor",
     "RequestContext",
+    "RevocationList",
     "RouteTable",
+    "SinkPolicy",
     "SystemClock",
+    "TokenLocation",
+    "TracingMiddleware",
+    "WebhookSink",
     "current_context",
     "get_context",
+    "inject_trace_headers",
     "normalize_path",
+    "register_gauge_source",
     "send_problem",
 ]
 

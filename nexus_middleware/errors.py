@@ -3,9 +3,11 @@
 __all__ = [
     "ConfigurationError",
     "InvalidPathError",
+    "InvalidTokenError",
     "NexusError",
     "StorageError",
     "StorageUnavailableError",
+    "VerifierUnavailableError",
 ]
 
 
@@ -27,3 +29,18 @@ class StorageError(NexusError):
 
 class StorageUnavailableError(StorageError):
     """A storage backend cannot be reached (connection refused, timeout, breaker open)."""
+
+
+class InvalidTokenError(NexusError):
+    """A bearer token was rejected. `reason` is the audit reason (expired, revoked, unknown_key, ...);
+    `description` is safe to send to the client (RFC 6750 `error_description`)."""
+
+    def __init__(self, reason: str, description: str) -> None:
+        super().__init__(description)
+        self.reason = reason
+        self.description = description
+
+
+class VerifierUnavailableError(NexusError):
+    """What a token is checked against (a JWKS endpoint, an introspection endpoint, the revocation store)
+    cannot be reached and no usable cached answer is left: the request fails closed with 503."""

@@ -3,7 +3,8 @@
 The limiter reads the Principal an authentication layer put in the request context: its `plan`, or the
 `plan` claim of its token. Here a tiny stand-in authenticator publishes it from a demo header so the recipe
 runs on its own; in production, `JWTAuthMiddleware` replaces `DemoAuthMiddleware` (same place in the stack,
-same Principal, the plan taken from a JWT claim).
+same Principal), with `claims=ClaimMapping(plan="plan")` so the token's `plan` claim becomes
+`Principal.plan`. The limiter reads either `Principal.plan` or the `plan` claim.
 
 Run: `uvicorn recipes.per_plan_limits:app`, then
 `curl -i -H 'x-demo-user: alice; pro' localhost:8000/items/1` and read the `RateLimit` headers.

@@ -1,0 +1,163 @@
+"""One JSON access-log line per request, through stdlib logging (the library installs no handlers).
+
+Each line holds: time (UTC, ISO 8601), request id, trace id, client address (from the trusted-proxy resolver),
+method, route template, path and query (redacted), status, duration in milliseconds, request and response
+body bytes, the principal's subject, the layer that answered locally (if any) and the upstream target when
+the proxy forwarded the request. The record also rides on the `LogRecord` as `record.nexus_access` (a dict)
+for structured handlers. Everything passes through the shared `Redactor` first.
+"""
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from nexus_middleware.client import ClientAddressResolver
+from nexus_middleware.clock import SYSTEM_CLOCK, Clock
+from nexus_middleware.context import get_context, route_template
+from nexus_middleware.errors import ConfigurationError
+from nexus_middleware.redaction import Redactor
+from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["AccessLogMiddleware", "build_access_record"]
+
+_DEFAULT_LOGGER = logging.getLogger(__name__)
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def build_access_record(
+    scope: Scope,
+    *,
+    status: int,
+    duration: float,
+    bytes_in: int,
+    bytes_out: int,
+    wall_time: float,
+    client: str | None,
+    redactor: Redactor,
+) -> dict[str, Any]:
+    """The access-log record of a finished request, redacted."""
+    context = get_context(scope)
+    principal = context.principal
+    proxy = context.decision("proxy")
+    query = scope.get("query_string", b"")
+    record: dict[str, Any] = {
+        "time": _iso(wall_time),
+        "request_id": context.request_id,
+        "trace_id": context.trace_id,
+        "client": client,
+        "method": scope.get("method", "WEBSOCKET") if scope["type"] == "http" else "WEBSOCKET",
+        "route": route_template(scope),
+        "path": redactor.redact(scope.get("path", "")),
+        "query": redactor.redact(query.decode("latin-1")) if query else None,
+        "status": status,
+        "duration_ms": round(duration * 1000, 3),
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "principal": None if principal is None else redactor.redact(principal.subject),
+        "local_response": context.local_response,
+        "upstream": None if proxy is None else proxy.details.get("target"),
+    }
+    return record
+
+
+class AccessLogMiddleware:
+    """Logs one JSON line per http request and websocket session.
+
+    - `logger`: where to log (default `logging.getLogger("nexus_middleware.access_log")`); `level`: INFO.
+    - `client_resolver`: the trusted-proxy resolver (default: the TCP peer).
+    - `redactor`: masks secrets and personal data (default `Redactor()`).
+    - `clock`: wall-clock time for the timestamp and monotonic time for the duration.
+    - `skip`: a predicate on the scope; requests it accepts are not logged (health checks).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        /,
+        *,
+        logger: logging.Logger | None = None,
+        level: int = logging.INFO,
+        client_resolver: ClientAddressResolver | None = None,
+        redactor: Redactor | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        skip: Callable[[Scope], bool] | None = None,
+    ) -> None:
+        if not isinstance(level, int) or level <= 0:
+            raise ConfigurationError("level must be a positive logging level")
+        self.app = app
+        self._logger = logger if logger is not None else _DEFAULT_LOGGER
+        self._level = level
+        self._resolver = client_resolver if client_resolver is not None else ClientAddressResolver()
+        self._redactor = redactor if redactor is not None else Redactor()
+        self._clock = clock
+        self._skip = skip
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket") or not self._logger.isEnabledFor(self._level):
+            await self.app(scope, receive, send)
+            return
+        if self._skip is not None and self._skip(scope):
+            await self.app(scope, receive, send)
+            return
+        status = 0
+        bytes_in = 0
+        bytes_out = 0
+
+        async def counting_receive() -> Message:
+            nonlocal bytes_in
+            message = await receive()
+            body = message.get("body") or message.get("bytes") or message.get("text")
+            if body:
+                bytes_in += len(body)
+            return message
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status, bytes_out
+            message_type = message["type"]
+            if message_type in ("http.response.body", "websocket.http.response.body", "websocket.send"):
+                body = message.get("body") or message.get("bytes") or message.get("text")
+                if body:
+                    bytes_out += len(body)
+            elif message_type in ("http.response.start", "websocket.http.response.start"):
+                status = message["status"]
+            elif message_type == "websocket.accept":
+                status = 101
+            elif message_type == "websocket.close" and status == 0:
+                status = 403  # closed before accept: the server answers the handshake with 403
+            await send(message)
+
+        wall = self._clock.time()
+        start = self._clock.monotonic()
+        try:
+            await self.app(scope, counting_receive, counting_send)
+        except BaseException:
+            if status == 0:
+                status = 500
+            raise
+        finally:
+            self._log(scope, status, self._clock.monotonic() - start, bytes_in, bytes_out, wall)
+
+    def _log(
+        self, scope: Scope, status: int, duration: float, bytes_in: int, bytes_out: int, wall: float
+    ) -> None:
+        record = build_access_record(
+            scope,
+            status=status,
+            duration=duration,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            wall_time=wall,
+            client=self._resolver.resolve(scope),
+            redactor=self._redactor,
+        )
+        self._logger.log(
+            self._level,
+            json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str),
+            extra={"nexus_access": record},
+        )
