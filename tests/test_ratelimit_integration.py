@@ -120,3 +120,50 @@ async def test_websocket_handshake_and_message_limits_through_uvicorn(ws: str) -
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await session.ws_connect(ws_url)
         assert refused.value.status in (403, 429)
+
+
+async def test_fastapi_per_plan_limits_from_real_jwts() -> None:
+    from fastapi import FastAPI
+    from joserfc.jwk import ECKey
+
+    from nexus_middleware import JWTAuthMiddleware, JWTIssuer, Quota
+    from nexus_middleware.bearer import ClaimMapping
+    from tests.support.idp import AUDIENCE, ISSUER, mint
+
+    now = 1_700_000_000.0
+    key = ECKey.generate_key("P-256", parameters={"kid": "k1"})
+    api = FastAPI()
+
+    @api.get("/orders")
+    async def orders() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    plans = {"free": "2/minute", "pro": "4/minute"}
+    policy = RateLimitPolicy(
+        "api",
+        quotas=(
+            Quota("user", "1/minute", key="principal", plans=plans),
+            Quota("org", "5/minute", key="tenant"),
+        ),
+        strategy="fixed-window",
+    )
+    api.add_middleware(RateLimitMiddleware, policies=[policy], clock=ManualClock(wall=now))
+    issuer = JWTIssuer(
+        ISSUER, AUDIENCE, ["ES256"], keys=[key], claims=ClaimMapping(plan="plan", tenant="org")
+    )
+    api.add_middleware(JWTAuthMiddleware, issuers=[issuer], clock=ManualClock(wall=now))
+
+    def bearer(sub: str, plan: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {mint(key, now=now, sub=sub, plan=plan, org='acme')}"}
+
+    async with serve(api) as url, httpx.AsyncClient(base_url=url) as client:
+        free = [(await client.get("/orders", headers=bearer("fay", "free"))).status_code for _ in range(3)]
+        assert free == [200, 200, 429]
+        pro = [await client.get("/orders", headers=bearer("pat", "pro")) for _ in range(4)]
+        # the org pool (5) runs out before pat's plan (4): fay's refused third request took nothing from it
+        assert [r.status_code for r in pro] == [200, 200, 200, 429]
+        assert limits_of(pro[2], "ratelimit-policy")["user"]["q"] == 4
+        assert limits_of(pro[2])["org"]["r"] == 0
+        assert pro[3].json()["violated-policies"] == ["org"]
+        unauthenticated = await client.get("/orders")
+        assert unauthenticated.status_code == 401
