@@ -36,6 +36,8 @@ from nexus_middleware.jwt_auth import JWTAuthMiddleware, JWTIssuer, JWTPolicy, R
 from nexus_middleware.metrics import MetricsApp, MetricsMiddleware, register_gauge_source
 from nexus_middleware.paths import PathPattern, RouteTable, normalize_path
 from nexus_middleware.problem import Problem, send_problem
+from nexus_middleware.ratelimit import RateLimitMiddleware
+from nexus_middleware.ratelimit_policy import Quota, RateLimitEvent, RateLimitOptions, RateLimitPolicy
 from nexus_middleware.redaction import Redactor
 from nexus_middleware.timeout import TimeoutMiddleware
 from nexus_middleware.tracing import TracingMiddleware, inject_trace_headers
@@ -76,6 +78,11 @@ __all__ = [
     "PriorityClass",
     "Problem",
     "ProblemDetailsMiddleware",
+    "Quota",
+    "RateLimitEvent",
+    "RateLimitMiddleware",
+    "RateLimitOptions",
+    "RateLimitPolicy",
     "Redactor",
     "RedisBreakerSync",
     "RequestContext",
