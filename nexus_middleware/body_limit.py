@@ -7,6 +7,7 @@ the response has not started, or a reset connection if it has (never a clean but
 """
 
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import chain
 from typing import Any, Literal
 
 from nexus_middleware.context import get_context
@@ -131,7 +132,7 @@ class BodySizeLimitMiddleware:
             )
             return False
         if self._max_header_bytes is not None:
-            size = sum(len(name) + len(value) for name, value in headers)
+            size = sum(map(len, chain.from_iterable(headers)))
             if size > self._max_header_bytes:
                 await self._refuse(
                     scope,

@@ -26,7 +26,6 @@ DEFAULT_CHARSET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345678
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-.*)?", re.DOTALL)
 _ZERO_TRACE = b"0" * 32
 _ZERO_PARENT = b"0" * 16
-_TRACEPARENT_HEADER = b"traceparent"
 
 OnInvalid = Literal["replace", "reject"]
 
@@ -91,19 +90,22 @@ class RequestIDMiddleware:
         if scope_type != "http" and scope_type != "websocket":
             await self.app(scope, receive, send)
             return
+        header = self._header
         incoming: bytes | None = None
-        traceparents: list[bytes] = []
+        traceparent: bytes | None = None
+        traceparents = 0
         for name, value in scope["headers"]:
-            if name == self._header:
+            if name == header:
                 if incoming is None:
                     incoming = value
-            elif name == _TRACEPARENT_HEADER:
-                traceparents.append(value)
+            elif name == b"traceparent":
+                traceparent = value
+                traceparents += 1
 
         context = get_context(scope)
         # Several traceparent headers are ambiguous; Trace Context says to start a new trace then.
-        if len(traceparents) == 1:
-            context.trace_id = parse_traceparent(traceparents[0])
+        if traceparent is not None and traceparents == 1:
+            context.trace_id = parse_traceparent(traceparent)
 
         if incoming is None:
             request_id = self._generate()
@@ -118,9 +120,9 @@ class RequestIDMiddleware:
             context.request_id = self._generate()
             context.record("request_id", "deny", reason="invalid_request_id")
             problem = Problem(400, f"The {self._header.decode()} header is not a valid request id.")
-            header = [(self._header, context.request_id.encode("latin-1"))] if self._echo else []
+            echoed = [(header, context.request_id.encode("latin-1"))] if self._echo else []
             with bind_context(context):
-                await send_problem(scope, send, problem, headers=header, layer="request_id")
+                await send_problem(scope, send, problem, headers=echoed, layer="request_id")
             return
         else:
             request_id = self._generate()
@@ -135,12 +137,16 @@ class RequestIDMiddleware:
 
     def _echoing_send(self, send: Send, value: bytes) -> Send:
         header = self._header
+        starts = _STARTS
 
         async def echoing_send(message: Message) -> None:
-            if message["type"] in _STARTS:
+            if message["type"] in starts:
                 headers = list(message.get("headers") or ())
-                # The app's own value wins: a second, different id on the response would confuse clients.
-                if not any(name.lower() == header for name, _ in headers):
+                for name, _ in headers:
+                    # The app's own value wins: a second, different id would confuse clients.
+                    if name.lower() == header:
+                        break
+                else:
                     headers.append((header, value))
                     message["headers"] = headers
             await send(message)
