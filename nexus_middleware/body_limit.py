@@ -193,8 +193,10 @@ class _LimitedBody:
         try:
             await self.middleware.app(self.scope, self.receive_limited, self.send_unless_cut)
         except RequestBodyTooLargeError:
-            if self.started:
-                raise  # the response is under way: only an aborted connection tells the client it failed
+            if self.started or not self.cut:
+                # Under way: only an aborted connection tells the client it failed. Not ours (an inner
+                # layer's, or the app's own): not ours to swallow.
+                raise
             # Otherwise the 413 went out from receive_limited; the app merely let the error through.
             return
         if self.cut and self.started:

@@ -166,6 +166,23 @@ async def test_app_swallowing_the_cut_after_start_still_aborts() -> None:
     assert [m["type"] for m in sent] == ["http.response.start"]
 
 
+async def test_a_body_error_the_middleware_did_not_raise_propagates() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise RequestBodyTooLargeError("from an inner layer")
+
+    with pytest.raises(RequestBodyTooLargeError, match="inner layer"):
+        await run_asgi(BodySizeLimitMiddleware(app), make_scope(method="POST"), body=[b"x"])
+
+
+async def test_nested_limits_the_inner_smaller_one_answers() -> None:
+    app = EchoApp()
+    middleware = BodySizeLimitMiddleware(BodySizeLimitMiddleware(app, max_body_size=4), max_body_size=100)
+    recorded = await run_asgi(middleware, make_scope(method="POST"), body=[b"abc", b"de"])
+    assert recorded.status == 413
+    assert recorded.json()["detail"] == "The request body is larger than 4 bytes."
+    assert app.chunks == [b"abc"]
+
+
 async def test_other_receive_messages_pass_through() -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         message = await receive()

@@ -8,7 +8,7 @@ from nexus_middleware import ConfigurationError, RequestIDLogFilter, RequestIDMi
 from nexus_middleware.context import current_context, current_request_id, get_context
 from nexus_middleware.request_id import parse_traceparent
 from nexus_middleware.types import Receive, Scope, Send
-from tests.support.asgi import make_scope, ok_app, run_asgi, streaming_app
+from tests.support.asgi import headers_app, make_scope, ok_app, run_asgi, streaming_app
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -115,10 +115,7 @@ async def test_first_of_repeated_incoming_headers_wins() -> None:
 
 
 async def test_app_set_header_is_not_duplicated() -> None:
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"X-Request-ID", b"mine")]})
-        await send({"type": "http.response.body", "body": b""})
-
+    app = headers_app([(b"X-Request-ID", b"mine")])
     recorded = await run_asgi(RequestIDMiddleware(app), make_scope(headers=[("x-request-id", "theirs")]))
     assert [(k.lower(), v) for k, v in recorded.headers] == [(b"x-request-id", b"mine")]
 
@@ -132,12 +129,7 @@ async def test_echo_can_be_disabled() -> None:
 
 async def test_response_headers_of_a_shared_list_are_not_mutated() -> None:
     shared = [(b"content-type", b"text/plain")]
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": shared})
-        await send({"type": "http.response.body", "body": b""})
-
-    middleware = RequestIDMiddleware(app)
+    middleware = RequestIDMiddleware(headers_app(shared))
     await run_asgi(middleware, make_scope())
     recorded = await run_asgi(middleware, make_scope())
     assert shared == [(b"content-type", b"text/plain")]

@@ -6,7 +6,7 @@ import pytest
 from nexus_middleware import ConfigurationError, SecurityHeadersMiddleware
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import Receive, Scope, Send
-from tests.support.asgi import make_scope, ok_app, run_asgi, streaming_app
+from tests.support.asgi import headers_app, make_scope, ok_app, run_asgi, streaming_app
 
 API_HEADERS = {
     "strict-transport-security": "max-age=31536000; includeSubDomains",
@@ -81,19 +81,9 @@ async def test_overrides_and_removals(options: dict[str, Any], changed: dict[str
 
 
 async def test_headers_the_app_set_win_and_are_not_duplicated() -> None:
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"Content-Security-Policy", b"default-src 'self'"),
-                    (b"x-frame-options", b"SAMEORIGIN"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": b""})
-
+    app = headers_app(
+        [(b"Content-Security-Policy", b"default-src 'self'"), (b"x-frame-options", b"SAMEORIGIN")]
+    )
     recorded = await run_asgi(SecurityHeadersMiddleware(app), make_scope())
     names = [k.lower() for k, _ in recorded.headers]
     assert names.count(b"content-security-policy") == 1
@@ -133,12 +123,7 @@ async def test_streaming_response_passes_chunk_by_chunk() -> None:
 
 async def test_shared_header_list_of_the_app_is_not_mutated() -> None:
     shared = [(b"content-type", b"text/plain")]
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": shared})
-        await send({"type": "http.response.body", "body": b""})
-
-    middleware = SecurityHeadersMiddleware(app)
+    middleware = SecurityHeadersMiddleware(headers_app(shared))
     await run_asgi(middleware, make_scope())
     recorded = await run_asgi(middleware, make_scope())
     assert shared == [(b"content-type", b"text/plain")]
