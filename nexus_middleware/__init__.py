@@ -10,6 +10,7 @@ from nexus_middleware.audit import (
     WebhookSink,
 )
 from nexus_middleware.bearer import ClaimMapping, TokenLocation
+from nexus_middleware.body_limit import BodySizeLimitMiddleware
 from nexus_middleware.circuit_breaker import (
     BreakerEvent,
     BreakerPolicy,
@@ -39,6 +40,8 @@ from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.ratelimit import RateLimitMiddleware
 from nexus_middleware.ratelimit_policy import Quota, RateLimitEvent, RateLimitOptions, RateLimitPolicy
 from nexus_middleware.redaction import Redactor
+from nexus_middleware.request_id import RequestIDLogFilter, RequestIDMiddleware
+from nexus_middleware.security_headers import SecurityHeadersMiddleware
 from nexus_middleware.timeout import TimeoutMiddleware
 from nexus_middleware.tracing import TracingMiddleware, inject_trace_headers
 
@@ -47,6 +50,7 @@ __all__ = [
     "AdaptiveLimit",
     "AuditLogMiddleware",
     "AuditSink",
+    "BodySizeLimitMiddleware",
     "BreakerEvent",
     "BreakerPolicy",
     "BreakerSnapshot",
@@ -86,8 +90,11 @@ __all__ = [
     "Redactor",
     "RedisBreakerSync",
     "RequestContext",
+    "RequestIDLogFilter",
+    "RequestIDMiddleware",
     "RevocationList",
     "RouteTable",
+    "SecurityHeadersMiddleware",
     "SinkPolicy",
     "StaticResponse",
     "SystemClock",

@@ -6,9 +6,9 @@ and code without the scope see it too). Layers never import each other: they mee
 leaves a `Principal`, the rate limiter reads it; every layer appends a `Decision` that metrics and audit read.
 """
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
@@ -138,17 +138,29 @@ def peek_context(scope: Scope) -> RequestContext | None:
     return None if state is None else state.get(STATE_KEY)
 
 
-@contextmanager
-def bind_context(context: RequestContext) -> Iterator[RequestContext]:
+class _Binding:
+    # A plain context manager rather than @contextmanager: it runs on every request of every layer that
+    # binds, and a generator-based one costs several times more.
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, context: RequestContext) -> None:
+        self._context = context
+        self._token: Token[RequestContext | None] | None = None
+
+    def __enter__(self) -> RequestContext:
+        if _current.get() is not self._context:
+            self._token = _current.set(self._context)
+        return self._context
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None
+
+
+def bind_context(context: RequestContext) -> AbstractContextManager[RequestContext]:
     """Make `context` the current one for the code inside, restoring the previous one after, always."""
-    if _current.get() is context:
-        yield context
-        return
-    token = _current.set(context)
-    try:
-        yield context
-    finally:
-        _current.reset(token)
+    return _Binding(context)
 
 
 def publish_principal(scope: Scope, principal: Principal) -> None:

@@ -6,6 +6,7 @@ __all__ = [
     "InvalidPathError",
     "InvalidTokenError",
     "NexusError",
+    "RequestBodyTooLargeError",
     "StorageError",
     "StorageUnavailableError",
     "VerifierUnavailableError",
@@ -22,6 +23,14 @@ class ConfigurationError(NexusError, ValueError):
 
 class InvalidPathError(NexusError, ValueError):
     """A request path cannot be normalized safely (a NUL byte, or a separator the policy rejects)."""
+
+
+class RequestBodyTooLargeError(NexusError):
+    """Raised from `receive()` when a request body grows past its limit; the body limit layer answers 413.
+
+    An app that catches it should return without sending: the 413 is already on its way (or, when the
+    response had started, the connection is aborted).
+    """
 
 
 class StorageError(NexusError):

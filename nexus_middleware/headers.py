@@ -1,5 +1,6 @@
 """Small helpers over ASGI raw header lists: `[(b"lower-case-name", b"value"), ...]`."""
 
+import re
 from collections.abc import Iterable, Sequence
 
 from nexus_middleware.types import Message, Scope
@@ -11,11 +12,14 @@ __all__ = [
     "get_header",
     "get_headers",
     "header_list",
+    "is_header_name",
     "remove_headers",
     "set_header",
 ]
 
 RawHeaders = list[tuple[bytes, bytes]]
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2 token
 
 
 def get_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -55,3 +59,8 @@ def contains_ctl(value: str | bytes) -> bool:
     """True when a would-be header value holds CR, LF, NUL or another control byte (header injection)."""
     data = value.encode("latin-1", "replace") if isinstance(value, str) else value
     return any((byte < 0x20 and byte != 0x09) or byte == 0x7F for byte in data)
+
+
+def is_header_name(name: object) -> bool:
+    """True when `name` is a string that is a valid HTTP field name (an RFC 9110 token)."""
+    return isinstance(name, str) and _TOKEN.fullmatch(name) is not None

@@ -150,3 +150,13 @@ def streaming_app(chunks: Sequence[bytes]) -> ASGIApp:
             await send({"type": "http.response.body", "body": chunk, "more_body": index < len(chunks) - 1})
 
     return app
+
+
+def headers_app(headers: list[tuple[bytes, bytes]]) -> ASGIApp:
+    """An app answering 200 with exactly this header list object (not a copy) and an empty body."""
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    return app

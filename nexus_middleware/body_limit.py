@@ -1,0 +1,229 @@
+"""Request size limits: body (declared and streamed), header count and size, URL length.
+
+A declared `Content-Length` over the limit is refused with 413 before a byte of the body is read. A body
+without one (chunked, or HTTP/2 data frames) is counted as it arrives: the chunk that crosses the limit is
+never handed to the app; `receive()` raises `RequestBodyTooLargeError` instead, and the client gets a 413 if
+the response has not started, or a reset connection if it has (never a clean but truncated response).
+"""
+
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import chain
+from typing import Any, Literal
+
+from nexus_middleware.context import get_context
+from nexus_middleware.errors import ConfigurationError, InvalidPathError, RequestBodyTooLargeError
+from nexus_middleware.paths import RouteTable, request_path
+from nexus_middleware.problem import Problem, send_problem
+from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["BodySizeLimitMiddleware", "RouteLimits"]
+
+RouteLimits = Mapping[str, int | None] | Sequence[tuple[str, Iterable[str] | None, int | None]]
+
+_LAYER = "body_limit"
+_CONTENT_LENGTH = b"content-length"
+
+Reason = Literal["body_too_large", "headers_too_large", "too_many_headers", "url_too_long", "invalid_request"]
+
+
+def _limit(name: str, value: object, *, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{name} must be a non-negative int{' or None' if allow_none else ''}")
+    return value
+
+
+class BodySizeLimitMiddleware:
+    """Refuses requests whose body, headers or URL are larger than configured (413, 431, 414)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        /,
+        *,
+        max_body_size: int | None = 1_048_576,
+        route_limits: RouteLimits | None = None,
+        max_header_count: int | None = 100,
+        max_header_bytes: int | None = 32_768,
+        max_url_length: int | None = 8_192,
+    ) -> None:
+        self.app = app
+        self._max_body = _limit("max_body_size", max_body_size)
+        self._max_header_count = _limit("max_header_count", max_header_count)
+        self._max_header_bytes = _limit("max_header_bytes", max_header_bytes)
+        self._max_url = _limit("max_url_length", max_url_length)
+        self._routes: RouteTable[int | None] | None = None
+        if route_limits:
+            entries: list[tuple[str, Iterable[str] | None, int | None]] = []
+            if isinstance(route_limits, Mapping):
+                items: Iterable[tuple[str, Iterable[str] | None, object]] = (
+                    (pattern, None, limit) for pattern, limit in route_limits.items()
+                )
+            else:
+                items = route_limits
+            for entry in items:
+                if not isinstance(entry, tuple) or len(entry) != 3:
+                    raise ConfigurationError("route_limits entries must be (pattern, methods or None, limit)")
+                pattern, methods, limit = entry
+                if isinstance(methods, str):
+                    raise ConfigurationError(f"methods for {pattern!r} must be a list of methods, not a str")
+                entries.append((pattern, methods, _limit(f"the limit for {pattern!r}", limit)))
+            self._routes = RouteTable(entries)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope_type = scope["type"]
+        if scope_type != "http":
+            if scope_type == "websocket" and not await self._within_head_limits(scope, send):
+                return
+            await self.app(scope, receive, send)
+            return
+        if not await self._within_head_limits(scope, send):
+            return
+
+        limit = self._max_body
+        if self._routes is not None:
+            try:
+                path = request_path(scope)
+            except InvalidPathError:
+                await self._refuse(scope, send, 400, "invalid_request", "The request path is invalid.")
+                return
+            found = self._routes.match(path, scope["method"])
+            if found is not None:
+                limit = found[0]
+        if limit is None:
+            await self.app(scope, receive, send)
+            return
+
+        declared = _declared_length(scope["headers"])
+        if declared == -1:
+            await self._refuse(scope, send, 400, "invalid_request", "The Content-Length header is invalid.")
+            return
+        if declared is not None:
+            if declared > limit:
+                await self._refuse(
+                    scope, send, 413, "body_too_large", _too_large(limit), limit=limit, declared=declared
+                )
+                return
+            # The server frames the body by Content-Length (h11, httptools and HTTP/2 servers all refuse a
+            # body longer than declared), so there is nothing left to count.
+            await self.app(scope, receive, send)
+            return
+        await _LimitedBody(self, scope, receive, send, limit).run()
+
+    async def _within_head_limits(self, scope: Scope, send: Send) -> bool:
+        if self._max_url is not None:
+            query = scope.get("query_string") or b""
+            raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
+            length = len(raw_path) + (len(query) + 1 if query else 0)
+            if length > self._max_url:
+                await self._refuse(
+                    scope, send, 414, "url_too_long", f"The URL is longer than {self._max_url} bytes."
+                )
+                return False
+        headers = scope["headers"]
+        if self._max_header_count is not None and len(headers) > self._max_header_count:
+            await self._refuse(
+                scope,
+                send,
+                431,
+                "too_many_headers",
+                f"The request has more than {self._max_header_count} headers.",
+            )
+            return False
+        if self._max_header_bytes is not None:
+            size = sum(map(len, chain.from_iterable(headers)))
+            if size > self._max_header_bytes:
+                await self._refuse(
+                    scope,
+                    send,
+                    431,
+                    "headers_too_large",
+                    f"The request headers are larger than {self._max_header_bytes} bytes.",
+                )
+                return False
+        return True
+
+    async def _refuse(
+        self, scope: Scope, send: Send, status: int, reason: Reason, detail: str, **details: Any
+    ) -> None:
+        get_context(scope).record(_LAYER, "deny", reason=reason, **details)
+        await send_problem(scope, send, Problem(status, detail), layer=_LAYER)
+
+
+def _too_large(limit: int) -> str:
+    return f"The request body is larger than {limit} bytes."
+
+
+def _declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The declared Content-Length, None when absent, -1 when invalid (RFC 9110 §8.6: digits only, and
+    repeated values must agree)."""
+    declared: bytes | None = None
+    for name, value in headers:
+        if name == _CONTENT_LENGTH:
+            value = value.strip()
+            if declared is not None and value != declared:
+                return -1
+            declared = value
+    if declared is None:
+        return None
+    if not declared.isdigit() or not declared.isascii():
+        return -1
+    return int(declared)
+
+
+class _LimitedBody:
+    """One request whose body is counted as it arrives and cut when it crosses the limit."""
+
+    __slots__ = ("cut", "limit", "middleware", "receive", "received", "scope", "send", "started")
+
+    def __init__(
+        self, middleware: BodySizeLimitMiddleware, scope: Scope, receive: Receive, send: Send, limit: int
+    ) -> None:
+        self.middleware = middleware
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.limit = limit
+        self.received = 0
+        self.started = False
+        self.cut = False
+
+    async def run(self) -> None:
+        try:
+            await self.middleware.app(self.scope, self.receive_limited, self.send_unless_cut)
+        except RequestBodyTooLargeError:
+            if self.started or not self.cut:
+                # Under way: only an aborted connection tells the client it failed. Not ours (an inner
+                # layer's, or the app's own): not ours to swallow.
+                raise
+            # Otherwise the 413 went out from receive_limited; the app merely let the error through.
+            return
+        if self.cut and self.started:
+            # The app swallowed the error and returned: the response must not look complete.
+            raise RequestBodyTooLargeError(_too_large(self.limit))
+
+    async def receive_limited(self) -> Message:
+        if self.cut:
+            raise RequestBodyTooLargeError(_too_large(self.limit))
+        message = await self.receive()
+        if message["type"] != "http.request":
+            return message
+        self.received += len(message.get("body", b""))
+        if self.received <= self.limit:
+            return message
+        self.cut = True
+        if not self.started:
+            # Answer now rather than when the exception surfaces: an app (or Starlette's error middleware
+            # inside it) may catch it and try to send its own response, which send_unless_cut then drops.
+            await self.middleware._refuse(
+                self.scope, self.send, 413, "body_too_large", _too_large(self.limit), limit=self.limit
+            )
+        raise RequestBodyTooLargeError(_too_large(self.limit))
+
+    async def send_unless_cut(self, message: Message) -> None:
+        if self.cut:
+            return
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
