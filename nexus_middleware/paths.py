@@ -39,7 +39,12 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 _LITERAL = _UNRESERVED | frozenset(b"!$&'()*+,;=:@/")
 _SEPARATOR = 0x2F  # a path separator in the intermediate form; an encoded slash that is kept is re-escaped
 _KEPT_SLASH = -1
-_CLEAN = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
+# Already canonical: literal characters only, no empty segment (`//`) and no segment starting with a dot
+# (`/.`, `/..`, `/.x`: the last is fine, but rare enough to take the slow path).
+_CLEAN = re.compile(
+    rb"/(?:[A-Za-z0-9\-_~!$&'()*+,;=:@][A-Za-z0-9\-._~!$&'()*+,;=:@]*"
+    rb"(?:/[A-Za-z0-9\-_~!$&'()*+,;=:@][A-Za-z0-9\-._~!$&'()*+,;=:@]*)*/?)?"
+)
 
 
 def normalize_path(
@@ -119,7 +124,7 @@ def _push(segments: list[str], segment: str) -> None:
 
 def _is_clean(data: bytes) -> bool:
     # The common case: already canonical, so normalization is one regex scan and no allocation.
-    return _CLEAN.fullmatch(data) is not None and b"//" not in data and b"/." not in data
+    return _CLEAN.fullmatch(data) is not None
 
 
 def request_path(scope: Scope) -> str:
@@ -190,6 +195,12 @@ class PathPattern:
         found = self._regex.fullmatch(path)
         return None if found is None else found.groupdict()
 
+    def matches(self, path: str) -> bool:
+        """Whether `path` matches the whole pattern (`match` without building the parameters)."""
+        if self.is_static:
+            return path == self.pattern
+        return self._regex.fullmatch(path) is not None
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PathPattern) and other.pattern == self.pattern
 
@@ -235,8 +246,16 @@ class RouteTable(Generic[T]):
         return len(self._entries)
 
     def lookup(self, path: str, method: str | None = None) -> T | None:
-        found = self.match(path, method)
-        return None if found is None else found[0]
+        """The first matching value, or None (`match` without the path parameters: per-request hot path)."""
+        static = self._static.get(path)
+        if static is not None:
+            return static
+        for entry in self._entries:
+            if entry.methods is not None and method is not None and method.upper() not in entry.methods:
+                continue
+            if entry.pattern.matches(path):
+                return entry.value
+        return None
 
     def match(self, path: str, method: str | None = None) -> tuple[T, Mapping[str, str]] | None:
         """The first matching value with its path parameters, or None."""
