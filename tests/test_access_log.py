@@ -21,8 +21,9 @@ from nexus_middleware import (
     ConfigurationError,
     ManualClock,
     Principal,
+    Redactor,
 )
-from nexus_middleware.access_log import _UtcMillis
+from nexus_middleware.access_log import _UtcMillis, build_access_record
 from nexus_middleware.context import get_context
 from nexus_middleware.types import Receive, Scope, Send
 from tests.support.asgi import make_scope, ok_app, run_asgi
@@ -212,3 +213,29 @@ async def test_a_logger_silenced_during_the_request_logs_nothing(caplog: pytest.
     logger.setLevel(logging.NOTSET)
     assert recorded.status == 200
     assert logged == []
+
+
+async def test_build_access_record_is_what_the_middleware_logs(caplog: pytest.LogCaptureFixture) -> None:
+    clock = ManualClock(wall=1_700_000_000.0005)
+    app = AccessLogMiddleware(
+        FakeLayer(ok_app, layer="auth", outcome="allow", principal=Principal(subject="bob@example.com")),
+        clock=clock,
+    )
+    scope = make_scope("/a", query_string=b"token=abc&x=1")
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        recorded = await run_asgi(app, scope)
+    [line] = lines(caplog)
+    rebuilt = build_access_record(
+        scope,
+        status=recorded.status,
+        duration=0.0,
+        bytes_in=line["bytes_in"],
+        bytes_out=line["bytes_out"],
+        wall_time=1_700_000_000.0005,
+        client=line["client"],
+        redactor=Redactor(),
+    )
+    assert rebuilt == line
+    assert line["time"] == "2023-11-14T22:13:20.000Z"  # 500 µs: half to even at the microsecond, then cut
+    assert line["query"] == "token=[REDACTED]&x=1"
+    assert line["principal"] == "[REDACTED]"

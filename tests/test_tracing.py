@@ -323,6 +323,7 @@ async def _propagated(headers: list[tuple[str, str]]) -> tuple[str | None, list[
         [TraceContextTextMapPropagator(), W3CBaggagePropagator()],  # the default
         [W3CBaggagePropagator(), TraceContextTextMapPropagator()],
         [TraceContextTextMapPropagator()],
+        [],
     ],
 )
 async def test_no_sdk_fast_path_extracts_what_the_propagator_would(
