@@ -100,6 +100,8 @@ def _every_step(redactor: Redactor, text: str) -> str:
         "ApiKey k-1",
         "Ba\u017fic dXNlcjpw",  # non-ASCII letters that IGNORECASE folds onto a keyword
         "KEY bearer\tabc",
+        "Bearer\x1cabc",  # an unprintable ASCII separator that \s matches
+        "Bearer\nabc",
         "api_key%3dzzz",
         'x: {"Password":"p"}',
         "a@b.io",
@@ -115,7 +117,9 @@ def test_pre_checks_never_skip_a_match(text: str) -> None:
 
 @given(
     st.text(
-        alphabet=st.sampled_from("aAbBeEkKrRsStTcCiInNyYpPoO \t=:%3dD@.-_/&0123456789\u017f\u212a\u0661"),
+        alphabet=st.sampled_from(
+            "aAbBeEkKrRsStTcCiInNyYpPoO \t\n\x1c=:%3dD@.-_/&0123456789\u017f\u212a\u0661"
+        ),
         max_size=60,
     )
 )
