@@ -39,12 +39,7 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 _LITERAL = _UNRESERVED | frozenset(b"!$&'()*+,;=:@/")
 _SEPARATOR = 0x2F  # a path separator in the intermediate form; an encoded slash that is kept is re-escaped
 _KEPT_SLASH = -1
-# Already canonical: literal characters only, no empty segment (`//`) and no segment starting with a dot
-# (`/.`, `/..`, `/.x`: the last is fine, but rare enough to take the slow path).
-_CLEAN = re.compile(
-    rb"/(?:[A-Za-z0-9\-_~!$&'()*+,;=:@][A-Za-z0-9\-._~!$&'()*+,;=:@]*"
-    rb"(?:/[A-Za-z0-9\-_~!$&'()*+,;=:@][A-Za-z0-9\-._~!$&'()*+,;=:@]*)*/?)?"
-)
+_CLEAN = re.compile(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
 
 
 def normalize_path(
@@ -124,7 +119,7 @@ def _push(segments: list[str], segment: str) -> None:
 
 def _is_clean(data: bytes) -> bool:
     # The common case: already canonical, so normalization is one regex scan and no allocation.
-    return _CLEAN.fullmatch(data) is not None
+    return _CLEAN.fullmatch(data) is not None and b"//" not in data and b"/." not in data
 
 
 def request_path(scope: Scope) -> str:
