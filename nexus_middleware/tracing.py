@@ -13,9 +13,10 @@ propagator) and records the HTTP attributes; this layer adds what only the suite
 - an oversized `tracestate` (over `max_tracestate_length` bytes) is dropped before extraction; a malformed
   `traceparent` starts a new trace, as the W3C propagator does.
 
-Without an SDK (no `tracer_provider` and no global one) spans are non-recording: the cost is the
-instrumentation's bookkeeping only. `inject_trace_headers` is what the proxy calls to propagate the current
-context upstream. OpenTelemetry is imported lazily: `import nexus_middleware` works without the `otel` extra.
+Without an SDK (no `tracer_provider` and no global one at the first request) the instrumentation is skipped:
+the layer only extracts the incoming context and makes it current. `inject_trace_headers` is what the proxy
+calls to propagate the current context upstream. OpenTelemetry is imported lazily: `import nexus_middleware`
+works without the `otel` extra.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _trace_id_hex(trace_id: int) -> str:
 class TracingMiddleware:
     """Server spans named by route template, with the suite's decisions as attributes.
 
-    - `tracer_provider`: the SDK `TracerProvider` to use (default: the global one, a no-op without an SDK).
+    - `tracer_provider`: the SDK `TracerProvider` to use (default: the global one, a no-op without an SDK;
+      whether one is installed is read once, on the first request).
     - `meter_provider`: passed to the instrumentation for its own OTel metrics (default: the global one).
     - `excluded_urls`: comma-separated regexes of URLs not traced (`"/healthz,/metrics"`).
     - `record_principal`: add `nexus.principal.hash`, an HMAC-SHA256 of the principal's subject keyed by
