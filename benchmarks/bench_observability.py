@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
-from benchmarks.conftest import BASELINE, Driver, NoopMiddleware, bare_app, bench
+from benchmarks.conftest import BASELINE, Driver, NoopMiddleware, bare_app, bench, make_http_scope
 from nexus_middleware import (
     AccessLogMiddleware,
     AuditLogMiddleware,
@@ -55,6 +55,11 @@ def test_noop_pure_asgi_wrapper(benchmark: Any, driver: Driver) -> None:
     bench(benchmark, driver, "no-op pure-ASGI wrapper", NoopMiddleware(bare_app))
 
 
+def test_decided_app(benchmark: Any, driver: Driver) -> None:
+    # What the "+ 2 decisions" rows pay before any middleware: subtract it to read the middleware's own cost.
+    bench(benchmark, driver, "decided app (bare + 2 recorded decisions)", decided_app)
+
+
 def test_metrics(benchmark: Any, driver: Driver) -> None:
     app = MetricsMiddleware(bare_app, registry=CollectorRegistry(), routes=["/api/items/{id}"])
     bench(benchmark, driver, "MetricsMiddleware", app)
@@ -67,6 +72,17 @@ def test_metrics_with_decisions(benchmark: Any, driver: Driver) -> None:
 
 def test_tracing_no_sdk(benchmark: Any, driver: Driver) -> None:
     bench(benchmark, driver, "TracingMiddleware (no SDK: no-op)", TracingMiddleware(bare_app))
+
+
+def test_tracing_no_sdk_without_trace_headers(benchmark: Any, driver: Driver) -> None:
+    untraced = [(name, value) for name, value in make_http_scope()["headers"] if name != b"traceparent"]
+    bench(
+        benchmark,
+        driver,
+        "TracingMiddleware (no SDK, no trace headers)",
+        TracingMiddleware(bare_app),
+        scope_factory=lambda: make_http_scope(headers=untraced),
+    )
 
 
 def test_tracing_in_memory_exporter(benchmark: Any, driver: Driver) -> None:
@@ -91,6 +107,17 @@ def test_access_log(benchmark: Any, driver: Driver, quiet_access_logger: logging
         driver,
         "AccessLogMiddleware (JSON line, redacted)",
         AccessLogMiddleware(bare_app, logger=quiet_access_logger),
+    )
+
+
+def test_access_log_disabled_logger(benchmark: Any, driver: Driver) -> None:
+    quiet = logging.getLogger("benchmarks.access.disabled")
+    quiet.setLevel(logging.WARNING)
+    bench(
+        benchmark,
+        driver,
+        "AccessLogMiddleware (logger disabled)",
+        AccessLogMiddleware(bare_app, logger=quiet),
     )
 
 

@@ -9,6 +9,8 @@ for structured handlers. Everything passes through the shared `Redactor` first.
 
 import json
 import logging
+import math
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +31,34 @@ def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class _UtcMillis:
+    """`_iso(epoch)`, formatting the date and time of day once per second instead of once per request.
+
+    The rounding is `datetime.fromtimestamp`'s (microseconds rounded half to even, then truncated to
+    milliseconds by `isoformat`), so both give the same text for every timestamp.
+    """
+
+    __slots__ = ("_cached",)
+
+    def __init__(self) -> None:
+        self._cached: tuple[float, str] = (math.nan, "")  # (whole second, its "YYYY-MM-DDTHH:MM:SS")
+
+    def __call__(self, epoch: float) -> str:
+        fraction, second = math.modf(epoch)
+        micros = round(fraction * 1e6)
+        if micros >= 1_000_000:
+            second += 1.0
+            micros -= 1_000_000
+        elif micros < 0:
+            second -= 1.0
+            micros += 1_000_000
+        cached_second, prefix = self._cached
+        if second != cached_second:
+            prefix = datetime.fromtimestamp(second, UTC).isoformat()[:-6]  # drop "+00:00"
+            self._cached = (second, prefix)
+        return f"{prefix}.{micros // 1000:03d}Z"
+
+
 def build_access_record(
     scope: Scope,
     *,
@@ -41,12 +71,25 @@ def build_access_record(
     redactor: Redactor,
 ) -> dict[str, Any]:
     """The access-log record of a finished request, redacted."""
+    return _record(scope, status, duration, bytes_in, bytes_out, _iso(wall_time), client, redactor)
+
+
+def _record(
+    scope: Scope,
+    status: int,
+    duration: float,
+    bytes_in: int,
+    bytes_out: int,
+    time_text: str,
+    client: str | None,
+    redactor: Redactor,
+) -> dict[str, Any]:
     context = get_context(scope)
     principal = context.principal
-    proxy = context.decision("proxy")
+    proxy = context.decision("proxy") if context.decisions else None
     query = scope.get("query_string", b"")
     record: dict[str, Any] = {
-        "time": _iso(wall_time),
+        "time": time_text,
         "request_id": context.request_id,
         "trace_id": context.trace_id,
         "client": client,
@@ -96,6 +139,8 @@ class AccessLogMiddleware:
         self._redactor = redactor if redactor is not None else Redactor()
         self._clock = clock
         self._skip = skip
+        self._time_text = _UtcMillis()
+        self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -146,18 +191,30 @@ class AccessLogMiddleware:
     def _log(
         self, scope: Scope, status: int, duration: float, bytes_in: int, bytes_out: int, wall: float
     ) -> None:
-        record = build_access_record(
+        logger, level = self._logger, self._level
+        if not logger.isEnabledFor(level):  # the level may have changed while the request ran
+            return
+        record = _record(
             scope,
-            status=status,
-            duration=duration,
-            bytes_in=bytes_in,
-            bytes_out=bytes_out,
-            wall_time=wall,
-            client=self._resolver.resolve(scope),
-            redactor=self._redactor,
+            status,
+            duration,
+            bytes_in,
+            bytes_out,
+            self._time_text(wall),
+            self._resolver.resolve(scope),
+            self._redactor,
         )
-        self._logger.log(
-            self._level,
-            json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str),
-            extra={"nexus_access": record},
+        # What `logger.log` does, minus `findCaller`'s walk up the stack: the caller is always this line.
+        frame = sys._getframe()
+        log_record = logger.makeRecord(
+            logger.name,
+            level,
+            frame.f_code.co_filename,
+            frame.f_lineno,
+            self._encode(record),
+            (),
+            None,
+            frame.f_code.co_name,
+            {"nexus_access": record},
         )
+        logger.handle(log_record)

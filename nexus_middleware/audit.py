@@ -23,7 +23,7 @@ import httpx
 
 from nexus_middleware.client import ClientAddressResolver
 from nexus_middleware.clock import SYSTEM_CLOCK, Clock
-from nexus_middleware.context import RequestContext, get_context, route_template
+from nexus_middleware.context import RequestContext, peek_context, route_template
 from nexus_middleware.errors import ConfigurationError
 from nexus_middleware.redaction import Redactor
 from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
@@ -344,9 +344,10 @@ class AuditLogMiddleware:
             status = status or 500
             raise
         finally:
-            context = get_context(scope)
-            if context.local_response is not None or any(
-                decision.outcome in self._flagged for decision in context.decisions
+            context = peek_context(scope)  # no context: no layer decided anything, nothing to audit
+            if context is not None and (
+                context.local_response is not None
+                or not self._flagged.isdisjoint([decision.outcome for decision in context.decisions])
             ):
                 self._emit(self._record(scope, context, status, wall))
 

@@ -7,6 +7,7 @@ Junk entries (`unknown`, obfuscated identifiers, garbage) are skipped, never rai
 """
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from typing import Literal
 
@@ -20,6 +21,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _HEADER_NAMES = {"x-forwarded-for": b"x-forwarded-for", "forwarded": b"forwarded"}
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+# Dotted-quad IPv4 already in canonical form (no leading zeros, no port): its own canonical text.
+_CANONICAL_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 
 
 def _parse_ip(text: str) -> IPAddress | None:
@@ -67,7 +71,7 @@ class ClientAddressResolver:
       touch would let clients choose their own address.
     """
 
-    __slots__ = ("_header", "_hops", "_networks", "_trust_all")
+    __slots__ = ("_header", "_hops", "_networks", "_peer_only", "_trust_all")
 
     def __init__(
         self,
@@ -97,6 +101,8 @@ class ClientAddressResolver:
         self._trust_all = trust_all
         self._hops = trusted_hops
         self._header = header
+        # No forwarding header is ever believed: the client is the TCP peer.
+        self._peer_only = trusted_hops == 0 or (trusted_hops is None and not networks and not trust_all)
 
     def __repr__(self) -> str:
         trusted = [str(n) for n in self._networks] + (["*"] if self._trust_all else [])
@@ -113,6 +119,10 @@ class ClientAddressResolver:
     def resolve(self, scope: Scope) -> str | None:
         """The client address as canonical text, or None when the server reports no peer (unix sockets)."""
         client = scope.get("client")
+        if client and self._peer_only:
+            host = client[0]
+            if isinstance(host, str) and _CANONICAL_IPV4.fullmatch(host):
+                return host  # the common case, without building an address object
         peer = _parse_ip(client[0]) if client else None
         if peer is None:
             return None

@@ -195,6 +195,8 @@ def route_template(scope: Scope) -> str | None:
     if context is not None and context.route is not None:
         return context.route
     route = scope.get("route")
+    if route is None:  # not routed (yet): skip the attribute probes, each a caught AttributeError on None
+        return None
     path = getattr(route, "path_format", None) or getattr(route, "path", None)
     if not isinstance(path, str):
         return None

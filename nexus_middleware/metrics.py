@@ -69,6 +69,9 @@ def _import_prometheus() -> Any:
     return prometheus_client
 
 
+_RedChildren = tuple[Any, Any, Any, Any]  # requests, duration, request size, response size
+
+
 def _label(value: Any) -> str:
     return "" if value is None else str(value)
 
@@ -161,7 +164,11 @@ class _Metrics:
                 f"{exc}: each MetricsMiddleware needs its own registry or namespace "
                 "(pass registry=CollectorRegistry())"
             ) from exc
-        self.red: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
+        # method -> route -> the RED children of each status class (indexed like _STATUS_CLASSES), filled
+        # on first use: a request finds its children with two dict lookups and an index, allocating nothing.
+        self.red: dict[str, dict[str, list[_RedChildren | None]]] = {
+            method: {} for method in (*_METHODS, "OTHER")
+        }
         self.in_flight_children = {method: self.in_flight.labels(method) for method in (*_METHODS, "OTHER")}
         self.children: dict[tuple[Any, ...], Any] = {}
         self.decision_counters: dict[tuple[Any, ...], tuple[Any, ...]] = {}
@@ -173,11 +180,14 @@ class _Metrics:
             found = self.children[key] = family.labels(*labels)
         return found
 
-    def red_children(self, method: str, route: str, status_class: str) -> tuple[Any, Any, Any, Any]:
-        key = (method, route, status_class)
-        found = self.red.get(key)
+    def red_children(self, method: str, route: str, status_index: int) -> _RedChildren:
+        by_class = self.red[method].get(route)
+        if by_class is None:
+            by_class = self.red[method][route] = [None] * len(_STATUS_CLASSES)
+        found = by_class[status_index]
         if found is None:
-            found = self.red[key] = (
+            status_class = _STATUS_CLASSES[status_index]
+            found = by_class[status_index] = (
                 self.requests.labels(method, route, status_class),
                 self.duration.labels(method, route, status_class),
                 self.request_size.labels(method, route),
@@ -339,10 +349,13 @@ class MetricsMiddleware:
         self, scope: Scope, method: str, status: int, elapsed: float, bytes_in: int, bytes_out: int
     ) -> None:
         metrics = self._metrics
-        status_class = _STATUS_CLASSES[status // 100] if 100 <= status < 600 else _STATUS_CLASSES[0]
-        requests, duration, request_size, response_size = metrics.red_children(
-            method, self._route(scope), status_class
-        )
+        route = self._route(scope)
+        by_class = metrics.red[method].get(route)
+        status_index = status // 100 if 100 <= status < 600 else 0
+        children = None if by_class is None else by_class[status_index]
+        if children is None:
+            children = metrics.red_children(method, route, status_index)
+        requests, duration, request_size, response_size = children
         context = peek_context(scope)
         trace_id = context.trace_id if context is not None and self._exemplars else None
         if trace_id:
@@ -354,9 +367,10 @@ class MetricsMiddleware:
             duration.observe(elapsed)
         request_size.observe(bytes_in)
         response_size.observe(bytes_out)
-        if context is not None:
+        if context is not None and context.decisions:
+            record_decision = metrics.record_decision
             for decision in context.decisions:
-                metrics.record_decision(decision)
+                record_decision(decision)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome = "closed"

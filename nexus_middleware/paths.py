@@ -192,6 +192,12 @@ class PathPattern:
         found = self._regex.fullmatch(path)
         return None if found is None else found.groupdict()
 
+    def matches(self, path: str) -> bool:
+        """Whether `path` matches the whole pattern (`match` without building the parameters)."""
+        if self.is_static:
+            return path == self.pattern
+        return self._regex.fullmatch(path) is not None
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PathPattern) and other.pattern == self.pattern
 
@@ -237,8 +243,16 @@ class RouteTable(Generic[T]):
         return len(self._entries)
 
     def lookup(self, path: str, method: str | None = None) -> T | None:
-        found = self.match(path, method)
-        return None if found is None else found[0]
+        """The first matching value, or None (`match` without the path parameters: per-request hot path)."""
+        static = self._static.get(path)
+        if static is not None:
+            return static
+        for entry in self._entries:
+            if entry.methods is not None and method is not None and method.upper() not in entry.methods:
+                continue
+            if entry.pattern.matches(path):
+                return entry.value
+        return None
 
     def match(self, path: str, method: str | None = None) -> tuple[T, Mapping[str, str]] | None:
         """The first matching value with its path parameters, or None."""

@@ -13,7 +13,7 @@ Mappings are walked recursively; a value whose key names a secret or a credentia
 """
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from nexus_middleware.errors import ConfigurationError
@@ -67,6 +67,44 @@ def _mask_card(match: re.Match[str]) -> str:
     return REDACTED if luhn_valid(digits) else match.group(0)
 
 
+def _mask_credential(match: re.Match[str]) -> str:
+    return f"{match.group(1)} {REDACTED}"
+
+
+def _mask_value(match: re.Match[str]) -> str:
+    return match.group(1) + REDACTED
+
+
+# Necessary conditions for a step's pattern to match: False means the `re.sub` would change nothing. They
+# look at the text as it stands before the step, as the pattern does.
+
+
+def _may_hold_credential(text: str) -> bool:
+    if not text.isascii():
+        return True  # IGNORECASE folds some non-ASCII letters onto the keywords (U+017F matches "s")
+    if " " not in text and text.isprintable():
+        return False  # no ASCII whitespace (the others are unprintable): nothing follows a keyword
+    lowered = text.lower()
+    return "bearer" in lowered or "basic" in lowered or "token" in lowered or "apikey" in lowered
+
+
+def _may_hold_key_value(text: str) -> bool:
+    return "=" in text or ":" in text or "%3" in text  # the separators `=`, `:`, `%3D` / `%3d`
+
+
+def _may_hold_email(text: str) -> bool:
+    return "@" in text
+
+
+def _may_hold_card(text: str) -> bool:
+    # At least 13 digits; then a search, cheaper than a substitution that finds nothing.
+    return len(text) >= 13 and _CARD.search(text) is not None
+
+
+def _always(text: str) -> bool:
+    return True
+
+
 class Redactor:
     """Masks secrets and personal data in strings and nested mappings.
 
@@ -104,16 +142,18 @@ class Redactor:
             self._key_value = re.compile(
                 rf"(?i)(?<![A-Za-z0-9_\-])(\"?(?:{names})\"?\s*(?:=|:|%3D)\s*\"?)([^\s\"&,;}}]+)"
             )
-        steps: list[tuple[re.Pattern[str], Any]] = []
+        # Each built-in step runs only when its cheap necessary condition holds: most logged values (paths,
+        # plain query strings, subjects) hold no secret, and a skipped `re.sub` is the whole saving.
+        steps: list[tuple[re.Pattern[str], Any, Callable[[str], bool]]] = []
         if credentials:
-            steps.append((_CREDENTIAL, lambda m: f"{m.group(1)} {REDACTED}"))
+            steps.append((_CREDENTIAL, _mask_credential, _may_hold_credential))
         if self._key_value is not None:
-            steps.append((self._key_value, lambda m: m.group(1) + REDACTED))
+            steps.append((self._key_value, _mask_value, _may_hold_key_value))
         if emails:
-            steps.append((_EMAIL, REDACTED))
+            steps.append((_EMAIL, REDACTED, _may_hold_email))
         if cards:
-            steps.append((_CARD, _mask_card))
-        steps.extend((pattern, REDACTED) for pattern in self._patterns)
+            steps.append((_CARD, _mask_card, _may_hold_card))
+        steps.extend((pattern, REDACTED, _always) for pattern in self._patterns)
         self._steps = tuple(steps)
 
     def __repr__(self) -> str:
@@ -128,8 +168,9 @@ class Redactor:
 
     def redact(self, text: str) -> str:
         """`text` with every secret and personal datum replaced by `[REDACTED]`."""
-        for pattern, replacement in self._steps:
-            text = pattern.sub(replacement, text)
+        for pattern, replacement, may_match in self._steps:
+            if may_match(text):
+                text = pattern.sub(replacement, text)
         return text
 
     def redact_value(self, value: Any) -> Any:

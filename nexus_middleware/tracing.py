@@ -13,9 +13,10 @@ propagator) and records the HTTP attributes; this layer adds what only the suite
 - an oversized `tracestate` (over `max_tracestate_length` bytes) is dropped before extraction; a malformed
   `traceparent` starts a new trace, as the W3C propagator does.
 
-Without an SDK (no `tracer_provider` and no global one) spans are non-recording: the cost is the
-instrumentation's bookkeeping only. `inject_trace_headers` is what the proxy calls to propagate the current
-context upstream. OpenTelemetry is imported lazily: `import nexus_middleware` works without the `otel` extra.
+Without an SDK (no `tracer_provider` and no global one at the first request) the instrumentation is skipped:
+the layer only extracts the incoming context and makes it current. `inject_trace_headers` is what the proxy
+calls to propagate the current context upstream. OpenTelemetry is imported lazily: `import nexus_middleware`
+works without the `otel` extra.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _trace_id_hex(trace_id: int) -> str:
 class TracingMiddleware:
     """Server spans named by route template, with the suite's decisions as attributes.
 
-    - `tracer_provider`: the SDK `TracerProvider` to use (default: the global one, a no-op without an SDK).
+    - `tracer_provider`: the SDK `TracerProvider` to use (default: the global one, a no-op without an SDK;
+      whether one is installed is read once, on the first request).
     - `meter_provider`: passed to the instrumentation for its own OTel metrics (default: the global one).
     - `excluded_urls`: comma-separated regexes of URLs not traced (`"/healthz,/metrics"`).
     - `record_principal`: add `nexus.principal.hash`, an HMAC-SHA256 of the principal's subject keyed by
@@ -80,12 +82,16 @@ class TracingMiddleware:
         self.app = app
         self._get_current_span = trace.get_current_span
         # Without an SDK every span is non-recording: skip the instrumentation's per-request bookkeeping and
-        # only carry the incoming trace context (ids for logs, propagation upstream). Checked per request,
-        # because an SDK may be installed as the global provider after the middleware is built.
-        self._noop_possible = tracer_provider is None
+        # only carry the incoming trace context (ids for logs, propagation upstream). Decided on the first
+        # request, so an SDK installed as the global provider after the middleware is built (in the app's
+        # startup) is still used; an SDK installed after the first request is not.
+        self._noop: bool | None = None if tracer_provider is None else False
         self._get_tracer_provider = trace.get_tracer_provider
         self._noop_providers = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
         self._extract = propagate.extract
+        self._get_textmap = propagate.get_global_textmap
+        self._textmap: Any = None
+        self._fields: _Fields | None = None
         self._attach = otel_context.attach
         self._detach = otel_context.detach
         self._record_principal = record_principal
@@ -104,18 +110,46 @@ class TracingMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        noop = self._noop
+        if noop is None:
+            noop = self._noop = isinstance(self._get_tracer_provider(), self._noop_providers)
+        if noop:
+            await self._propagate_only(scope, receive, send)
+            return
+        self._limit_tracestate(scope)
+        await self._instrumented(scope, receive, send)
+
+    def _limit_tracestate(self, scope: Scope) -> None:
         headers = scope.get("headers")
         if headers:
             state_length = sum(len(value) + 1 for name, value in headers if name == _TRACESTATE)
             if state_length - 1 > self._max_tracestate:
                 scope["headers"] = [(name, value) for name, value in headers if name != _TRACESTATE]
-        if self._noop_possible and isinstance(self._get_tracer_provider(), self._noop_providers):
-            await self._propagate_only(scope, receive, send)
-            return
-        await self._instrumented(scope, receive, send)
 
     async def _propagate_only(self, scope: Scope, receive: Receive, send: Send) -> None:
-        incoming = self._extract(scope, getter=_SCOPE_GETTER)
+        textmap = self._get_textmap()
+        if textmap is not self._textmap:
+            self._textmap, self._fields = textmap, _exact_fields(textmap)
+        fields = self._fields
+        if fields is None:
+            # A propagator we do not know may read any header: give it the whole scope.
+            self._limit_tracestate(scope)
+            incoming = self._extract(scope, getter=_SCOPE_GETTER)
+        else:
+            # The known propagators read only their fields: collect them in one pass over the headers.
+            names, starts_empty = fields
+            carrier: dict[str, list[str]] = {}
+            for name, value in [pair for pair in scope.get("headers") or () if pair[0] in names]:
+                carrier.setdefault(names[name], []).append(value.decode("latin-1"))
+            states = carrier.get("tracestate")
+            if states is not None and sum(len(state) + 1 for state in states) - 1 > self._max_tracestate:
+                self._limit_tracestate(scope)
+                del carrier["tracestate"]
+            if not carrier and starts_empty:
+                # Extraction from nothing yields an empty context: no remote parent, nothing to attach.
+                await self.app(scope, receive, send)
+                return
+            incoming = textmap.extract(carrier, getter=_CARRIER_GETTER)
         span_context = self._get_current_span(incoming).get_span_context()
         if not span_context.is_valid:
             await self.app(scope, receive, send)
@@ -199,6 +233,42 @@ class _ScopeHeaderGetter:
 
 
 _SCOPE_GETTER: Any = _ScopeHeaderGetter()
+
+
+class _CarrierGetter:
+    """Reads a carrier already reduced to `{field: [values]}`."""
+
+    def get(self, carrier: dict[str, list[str]], key: str) -> list[str] | None:
+        return carrier.get(key)
+
+    def keys(self, carrier: dict[str, list[str]]) -> list[str]:  # pragma: no cover - known ones never list
+        return list(carrier)
+
+
+_CARRIER_GETTER: Any = _CarrierGetter()
+
+# Raw header name -> the field a known propagator asks for; and whether extracting from a carrier without
+# any of them gives an empty context (the first propagator starts from `Context()`, not the current one).
+_Fields = tuple[dict[bytes, str], bool]
+
+
+def _exact_fields(textmap: Any) -> _Fields | None:
+    """The headers `textmap` reads, when it is made only of propagators known to read nothing else."""
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    propagators = (
+        getattr(textmap, "_propagators", None) if type(textmap) is CompositePropagator else [textmap]
+    )
+    if not isinstance(propagators, list | tuple) or not propagators:
+        return None
+    names: dict[bytes, str] = {}
+    for propagator in propagators:
+        if type(propagator) not in (TraceContextTextMapPropagator, W3CBaggagePropagator):
+            return None
+        names.update((field.encode("latin-1"), field) for field in propagator.fields)
+    return names, type(propagators[0]) is TraceContextTextMapPropagator
 
 
 def _initial_span_details(scope: Scope) -> tuple[str, dict[str, Any]]:

@@ -2,10 +2,14 @@
 
 import json
 import logging
+import math
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -17,7 +21,9 @@ from nexus_middleware import (
     ConfigurationError,
     ManualClock,
     Principal,
+    Redactor,
 )
+from nexus_middleware.access_log import _UtcMillis, build_access_record
 from nexus_middleware.context import get_context
 from nexus_middleware.types import Receive, Scope, Send
 from tests.support.asgi import make_scope, ok_app, run_asgi
@@ -160,3 +166,76 @@ async def test_disabled_logger_skip_and_lifespan(caplog: pytest.LogCaptureFixtur
 def test_level_is_validated() -> None:
     with pytest.raises(ConfigurationError, match="level"):
         AccessLogMiddleware(ok_app, level=0)
+
+
+def _reference_time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@given(st.floats(min_value=-1e10, max_value=4e10, allow_nan=False))
+def test_cached_timestamps_match_datetime(epoch: float) -> None:
+    stamp = _UtcMillis()
+    assert stamp(epoch) == _reference_time(epoch)
+    # Rounding edges: half a microsecond either side of a millisecond and of a second.
+    for nearby in (epoch + 0.0009995, epoch + 0.0000005, math.floor(epoch) + 0.9999995, math.floor(epoch)):
+        assert stamp(nearby) == _reference_time(nearby)
+
+
+async def test_timestamps_across_seconds_and_the_record_origin(caplog: pytest.LogCaptureFixture) -> None:
+    clock = ManualClock(wall=1_700_000_000.998)
+    app = AccessLogMiddleware(ok_app, clock=clock)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        for step in (0.0, 0.001, 0.0015, 0.5, 86_400.0):
+            clock.advance(step)
+            await run_asgi(app, make_scope("/"))
+    assert [line["time"] for line in lines(caplog)] == [
+        "2023-11-14T22:13:20.998Z",
+        "2023-11-14T22:13:20.999Z",
+        "2023-11-14T22:13:21.000Z",
+        "2023-11-14T22:13:21.500Z",
+        "2023-11-15T22:13:21.500Z",
+    ]
+    # The record points at the middleware, as `logger.log` would have made it.
+    origins = {(r.module, r.funcName) for r in caplog.records if r.name == LOGGER}
+    assert origins == {("access_log", "_log")}
+
+
+async def test_a_logger_silenced_during_the_request_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("tests.access.silenced")
+
+    async def silencing(scope: Scope, receive: Receive, send: Send) -> None:
+        logger.setLevel(logging.WARNING)
+        await ok_app(scope, receive, send)
+
+    with caplog.at_level(logging.INFO, logger="tests.access.silenced"):
+        recorded = await run_asgi(AccessLogMiddleware(silencing, logger=logger), make_scope("/"))
+        logged = [r for r in caplog.records if r.name == "tests.access.silenced"]
+    logger.setLevel(logging.NOTSET)
+    assert recorded.status == 200
+    assert logged == []
+
+
+async def test_build_access_record_is_what_the_middleware_logs(caplog: pytest.LogCaptureFixture) -> None:
+    clock = ManualClock(wall=1_700_000_000.0005)
+    app = AccessLogMiddleware(
+        FakeLayer(ok_app, layer="auth", outcome="allow", principal=Principal(subject="bob@example.com")),
+        clock=clock,
+    )
+    scope = make_scope("/a", query_string=b"token=abc&x=1")
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        recorded = await run_asgi(app, scope)
+    [line] = lines(caplog)
+    rebuilt = build_access_record(
+        scope,
+        status=recorded.status,
+        duration=0.0,
+        bytes_in=line["bytes_in"],
+        bytes_out=line["bytes_out"],
+        wall_time=1_700_000_000.0005,
+        client=line["client"],
+        redactor=Redactor(),
+    )
+    assert rebuilt == line
+    assert line["time"] == "2023-11-14T22:13:20.000Z"  # 500 µs: half to even at the microsecond, then cut
+    assert line["query"] == "token=[REDACTED]&x=1"
+    assert line["principal"] == "[REDACTED]"

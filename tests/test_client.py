@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nexus_middleware.client import ClientAddressResolver, normalize_ip
 from nexus_middleware.errors import ConfigurationError
@@ -104,3 +106,36 @@ def test_repr_and_normalize_ip() -> None:
     assert normalize_ip("fe80::1%eth0") == "fe80::1"
     assert normalize_ip("") is None
     assert normalize_ip("[broken") is None
+
+
+@pytest.mark.parametrize(
+    "peer",
+    [
+        "203.0.113.7",
+        "0.0.0.0",
+        "255.255.255.255",
+        "256.1.1.1",
+        "01.2.3.4",
+        "1.2.3.04",
+        "1.2.3",
+        "1.2.3.4.5",
+        "1.2.3.4:8080",
+        " 1.2.3.4",
+        '"1.2.3.4"',
+        "\u0661.2.3.4",  # a non-ASCII digit
+        "::ffff:1.2.3.4",
+        "2001:DB8::1",
+        "not-an-ip",
+    ],
+)
+@pytest.mark.parametrize("kwargs", [{}, {"trusted_hops": 0}, {"trusted_proxies": ["10.0.0.0/8"]}])
+def test_peer_address_is_canonical_on_every_path(peer: str, kwargs: dict[str, object]) -> None:
+    # Without trusted proxies a canonical dotted quad is returned as is; everything else is parsed.
+    resolver = ClientAddressResolver(**kwargs)  # type: ignore[arg-type]
+    assert resolver.resolve(make_scope(client=(peer, 1))) == normalize_ip(peer)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=300), min_size=4, max_size=4), st.booleans())
+def test_any_dotted_quad_resolves_like_the_parser(octets: list[int], padded: bool) -> None:
+    peer = ".".join(f"{octet:03d}" if padded else str(octet) for octet in octets)
+    assert ClientAddressResolver().resolve(make_scope(client=(peer, 1))) == normalize_ip(peer)

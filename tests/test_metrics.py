@@ -444,3 +444,38 @@ async def test_multiprocess_exposition_adds_the_gauge_sources_registry(tmp_path:
     scrape = await run_asgi(app, make_scope("/metrics"))
     assert scrape.status == 200
     assert 'nexus_upstream_target_healthy{service="users",target="a:80"} 1.0' in scrape.body.decode()
+
+
+@pytest.mark.parametrize(
+    ("status", "status_class"),
+    [
+        (None, "0xx"),
+        (99, "0xx"),
+        (100, "1xx"),
+        (204, "2xx"),
+        (399, "3xx"),
+        (404, "4xx"),
+        (599, "5xx"),
+        (600, "0xx"),
+    ],
+)
+async def test_status_classes_and_cached_children(status: int | None, status_class: str) -> None:
+    async def answering(scope: Scope, receive: Receive, send: Send) -> None:
+        if status is not None:  # None: the app returns without starting a response
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": b"abc"})
+
+    registry = CollectorRegistry()
+    app = MetricsMiddleware(answering, registry=registry, routes=["/items/{id}"])
+    for path, method in [("/items/1", "GET"), ("/items/2", "GET"), ("/items/3", "PURGE"), ("/other", "GET")]:
+        await run_asgi(app, make_scope(path, method=method))
+    found = samples(registry)
+    labels = {"route": "/items/{id}", "status_class": status_class}
+    assert value(found, "nexus_http_requests_total", method="GET", **labels) == 2
+    assert value(found, "nexus_http_requests_total", method="OTHER", **labels) == 1
+    assert (
+        value(found, "nexus_http_requests_total", method="GET", route="unmatched", status_class=status_class)
+        == 1
+    )
+    sizes = "nexus_http_response_size_bytes_sum"
+    assert value(found, sizes, method="GET", route="/items/{id}") == (0 if status is None else 6)

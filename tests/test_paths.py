@@ -1,9 +1,11 @@
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from nexus_middleware.errors import ConfigurationError, InvalidPathError
-from nexus_middleware.paths import PathPattern, RouteTable, normalize_path, request_path
+from nexus_middleware.paths import PathPattern, RouteTable, _is_clean, normalize_path, request_path
 from tests.support.asgi import make_scope
 
 
@@ -101,29 +103,29 @@ def test_request_path_without_raw_path_and_with_query() -> None:
     assert request_path(make_scope("/q", raw_path=b"/q?x=1")) == "/q"
 
 
-@pytest.mark.parametrize(
-    ("pattern", "path", "expected"),
-    [
-        ("/users", "/users", {}),
-        ("/users", "/users/", None),
-        ("/users/{id}", "/users/42", {"id": "42"}),
-        ("/users/{id}", "/users/42/x", None),
-        ("/users/{id:int}", "/users/abc", None),
-        ("/users/{id:int}", "/users/7", {"id": "7"}),
-        ("/files/{rest:path}", "/files/a/b/c", {"rest": "a/b/c"}),
-        (
-            "/u/{id:uuid}",
-            "/u/12345678-1234-1234-1234-1234567890ab",
-            {"id": "12345678-1234-1234-1234-1234567890ab"},
-        ),
-        ("/admin/*", "/admin", {}),
-        ("/admin/*", "/admin/x/y", {}),
-        ("/admin/*", "/administrator", None),
-        ("*", "/anything/at/all", {}),
-        ("/users/{id}", "/users/{user_id}", {"id": "{user_id}"}),  # a route template matches too
-        ("/a.b", "/aXb", None),  # regex characters are literal
-    ],
-)
+PATTERN_CASES = [
+    ("/users", "/users", {}),
+    ("/users", "/users/", None),
+    ("/users/{id}", "/users/42", {"id": "42"}),
+    ("/users/{id}", "/users/42/x", None),
+    ("/users/{id:int}", "/users/abc", None),
+    ("/users/{id:int}", "/users/7", {"id": "7"}),
+    ("/files/{rest:path}", "/files/a/b/c", {"rest": "a/b/c"}),
+    (
+        "/u/{id:uuid}",
+        "/u/12345678-1234-1234-1234-1234567890ab",
+        {"id": "12345678-1234-1234-1234-1234567890ab"},
+    ),
+    ("/admin/*", "/admin", {}),
+    ("/admin/*", "/admin/x/y", {}),
+    ("/admin/*", "/administrator", None),
+    ("*", "/anything/at/all", {}),
+    ("/users/{id}", "/users/{user_id}", {"id": "{user_id}"}),  # a route template matches too
+    ("/a.b", "/aXb", None),  # regex characters are literal
+]
+
+
+@pytest.mark.parametrize(("pattern", "path", "expected"), PATTERN_CASES)
 def test_path_pattern(pattern: str, path: str, expected: dict[str, str] | None) -> None:
     assert PathPattern(pattern).match(path) == expected
 
@@ -163,3 +165,35 @@ def test_route_table_first_match_methods_and_allow() -> None:
     }
     assert RouteTable[str]([("/u", ["GET"], "r")]).allowed_methods("/x") == frozenset()
     assert RouteTable[str]([("/u", ["GET"], "r")]).lookup("/x") is None
+
+
+@pytest.mark.parametrize(("pattern", "path", "expected"), PATTERN_CASES)
+def test_matches_agrees_with_match(pattern: str, path: str, expected: dict[str, str] | None) -> None:
+    assert PathPattern(pattern).matches(path) is (expected is not None)
+
+
+@pytest.mark.parametrize("method", [None, "GET", "get", "PUT", "POST"])
+@pytest.mark.parametrize("path", ["/health", "/users/1", "/users/1/x", "/admin", "/admin/x", "/other", "/u"])
+def test_lookup_is_the_value_match_finds(path: str, method: str | None) -> None:
+    table = RouteTable[str](
+        [
+            ("/health", None, "health"),
+            ("/users/{id}", ["get"], "read"),
+            ("/users/{id}", ["PUT"], "write"),
+            ("/admin/*", None, "admin"),
+            ("/u", ["POST"], "u"),
+        ]
+    )
+    found = table.match(path, method)
+    assert table.lookup(path, method) == (None if found is None else found[0])
+
+
+@given(st.text(alphabet="/.a%2F5\\:@-_~", max_size=12))
+def test_clean_paths_are_their_own_normal_form(text: str) -> None:
+    raw = text.encode()
+    # The fast path (one regex) decides "already canonical" exactly as the literal-only, no `//`, no `/.`
+    # rule does, and a path it accepts is indeed unchanged by the full normalization.
+    literal_only = re.fullmatch(rb"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*", raw) is not None
+    assert _is_clean(raw) is (literal_only and b"//" not in raw and b"/." not in raw)
+    if _is_clean(raw):
+        assert normalize_path(raw) == text

@@ -3,6 +3,8 @@
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nexus_middleware import ConfigurationError, Redactor
 from nexus_middleware.redaction import REDACTED, luhn_valid
@@ -79,3 +81,48 @@ def test_invalid_pattern_is_a_configuration_error() -> None:
 )
 def test_luhn(digits: str, valid: bool) -> None:
     assert luhn_valid(digits) is valid
+
+
+def _every_step(redactor: Redactor, text: str) -> str:
+    # The redactor without its pre-checks: every pattern applied, in order.
+    for pattern, replacement, _ in redactor._steps:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "/api/items/42",
+        "page=2&sort=name",
+        "TOKEN abc.def",
+        "ApiKey k-1",
+        "Ba\u017fic dXNlcjpw",  # non-ASCII letters that IGNORECASE folds onto a keyword
+        "KEY bearer\tabc",
+        "Bearer\x1cabc",  # an unprintable ASCII separator that \s matches
+        "Bearer\nabc",
+        "api_key%3dzzz",
+        'x: {"Password":"p"}',
+        "a@b.io",
+        "4111111111111111",
+        "\u0664" + "\u0661" * 15,  # Arabic-Indic digits are digits to the card pattern too
+        "x" * 12 + "@",
+    ],
+)
+def test_pre_checks_never_skip_a_match(text: str) -> None:
+    for redactor in (Redactor(), Redactor(patterns=[r"items/\d+"], secret_keys=["page"])):
+        assert redactor.redact(text) == _every_step(redactor, text)
+
+
+@given(
+    st.text(
+        alphabet=st.sampled_from(
+            "aAbBeEkKrRsStTcCiInNyYpPoO \t\n\x1c=:%3dD@.-_/&0123456789\u017f\u212a\u0661"
+        ),
+        max_size=60,
+    )
+)
+def test_pre_checks_agree_with_every_step(text: str) -> None:
+    redactor = Redactor()
+    assert redactor.redact(text) == _every_step(redactor, text)

@@ -7,10 +7,15 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry import baggage, propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util._once import Once
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -270,3 +275,81 @@ def test_inject_outside_a_span_leaves_headers_unchanged() -> None:
 def test_configuration_is_validated() -> None:
     with pytest.raises(ConfigurationError, match="max_tracestate_length"):
         TracingMiddleware(ok_app, max_tracestate_length=0)
+
+
+class _TraceContext(TraceContextTextMapPropagator):
+    """Reads what the W3C propagator reads, but is not a type the no-SDK fast path knows."""
+
+
+class _Baggage(W3CBaggagePropagator):
+    pass
+
+
+@pytest.fixture
+def global_textmap() -> Iterator[Any]:
+    previous = propagate.get_global_textmap()
+    yield propagate.set_global_textmap
+    propagate.set_global_textmap(previous)
+
+
+async def _propagated(headers: list[tuple[str, str]]) -> tuple[str | None, list[tuple[bytes, bytes]], Any]:
+    seen: list[tuple[str | None, list[tuple[bytes, bytes]], Any]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        injected = inject_trace_headers([(b"accept", b"*/*")])
+        seen.append((get_context(scope).trace_id, injected, dict(baggage.get_all())))
+        await ok_app(scope, receive, send)
+
+    assert (await run_asgi(TracingMiddleware(app), make_scope("/", headers=headers))).status == 200
+    return seen[0]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [("traceparent", TRACEPARENT)],
+        [("traceparent", TRACEPARENT), ("tracestate", "a=1"), ("tracestate", "b=2")],
+        [("traceparent", TRACEPARENT), ("tracestate", "v=" + "x" * 600)],
+        [("traceparent", TRACEPARENT), ("baggage", "tenant=acme,plan=gold")],
+        [("baggage", "tenant=acme")],
+        [("traceparent", "00-zz-00-01"), ("tracestate", "a=1")],
+        [("accept", "*/*"), ("traceparent", TRACEPARENT), ("user-agent", "x")],
+    ],
+)
+@pytest.mark.parametrize(
+    "propagators",
+    [
+        [TraceContextTextMapPropagator(), W3CBaggagePropagator()],  # the default
+        [W3CBaggagePropagator(), TraceContextTextMapPropagator()],
+        [TraceContextTextMapPropagator()],
+        [],
+    ],
+)
+async def test_no_sdk_fast_path_extracts_what_the_propagator_would(
+    global_textmap: Any, headers: list[tuple[str, str]], propagators: list[Any]
+) -> None:
+    # Known propagators get only their header fields, collected in one pass; unknown ones the whole scope.
+    global_textmap(CompositePropagator(propagators))
+    fast = await _propagated(headers)
+    global_textmap(CompositePropagator([_twin(p) for p in propagators]))
+    assert fast == await _propagated(headers)
+
+
+def _twin(propagator: Any) -> Any:
+    return _TraceContext() if isinstance(propagator, TraceContextTextMapPropagator) else _Baggage()
+
+
+async def test_a_global_sdk_installed_before_the_first_request_is_used(
+    monkeypatch: pytest.MonkeyPatch, provider: TracerProvider, exporter: InMemorySpanExporter
+) -> None:
+    traced = TracingMiddleware(ok_app)
+    # Installed after the middleware is built (as an app's startup does), before it serves a request; what
+    # `trace.set_tracer_provider` does, undone after the test (the real one can be called once per process).
+    installed = Once()
+    installed.do_once(lambda: None)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER_SET_ONCE", installed)
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", provider)
+    assert (await run_asgi(traced, make_scope("/", headers=[("traceparent", TRACEPARENT)]))).status == 200
+    span = server_span(exporter)
+    assert span.context is not None and format(span.context.trace_id, "032x") == TRACE_ID
