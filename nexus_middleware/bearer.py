@@ -9,7 +9,7 @@ whichever of them is in front.
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, get_args
@@ -196,27 +196,18 @@ def _quoted(value: str) -> str:
     return value.replace("\\", "").replace('"', "'")
 
 
-Authenticate = Callable[[bytes, Scope], Awaitable[Principal]]
-
-
 class BearerGate:
-    """The request flow shared by the bearer authenticators: mode, token, authenticate, publish or refuse."""
+    """The base of the bearer authenticators: mode, token, authenticate, publish or refuse.
 
-    __slots__ = (
-        "_allow",
-        "_anonymous",
-        "_authenticate",
-        "_challenge",
-        "_default",
-        "_location",
-        "_method",
-        "_routes",
-    )
+    A subclass says how a token becomes a `Principal` (`_authenticate`); everything a client can see (route
+    modes, token locations, RFC 6750 refusals, websocket handling, decisions) is decided here, once.
+    """
 
     def __init__(
         self,
+        app: ASGIApp,
+        /,
         *,
-        authenticate: Authenticate,
         method: AuthMethod,
         routes: Iterable[tuple[str, Iterable[str] | None, AuthMode]],
         default: AuthMode,
@@ -231,34 +222,46 @@ class BearerGate:
                 raise ConfigurationError(f"route mode must be one of {sorted(_MODES)}, not {mode!r}")
         if realm is not None and (not realm or '"' in realm or "\\" in realm):
             raise ConfigurationError("realm must be a non-empty string without quotes or backslashes")
-        self._authenticate = authenticate
+        self.app = app
         self._method = method
         self._routes: RouteTable[AuthMode] | None = RouteTable(entries) if entries else None
         self._default = default
         self._location = location
-        self._challenge = "Bearer" if realm is None else f'Bearer realm="{realm}"'
+        self._scheme = "Bearer" if realm is None else f'Bearer realm="{realm}"'
         # Decisions are immutable, so the hot path appends one built here instead of building one per request.
         self._allow = Decision(_LAYER, "allow", details=MappingProxyType({"method": method}))
         self._anonymous = Decision(_LAYER, "allow", reason="anonymous", details=_ANONYMOUS_DETAILS)
 
-    def challenge(self, error: str | None = None, description: str | None = None, **params: str) -> bytes:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" and scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+        await self._handle(scope, receive, send)
+
+    async def _authenticate(self, token: bytes, scope: Scope) -> Principal:
+        """The Principal `token` stands for; raises `InvalidTokenError` or `VerifierUnavailableError`."""
+        raise NotImplementedError
+
+    def _www_authenticate(
+        self, error: str | None = None, description: str | None = None, **params: str
+    ) -> bytes:
         """An RFC 6750 `WWW-Authenticate` value; no `error` when no token was presented (§3.1)."""
         parts = [] if error is None else [f'error="{error}"']
         if description is not None:
             parts.append(f'error_description="{_quoted(description)}"')
         parts.extend(f'{name}="{_quoted(value)}"' for name, value in params.items())
         if not parts:
-            return self._challenge.encode("latin-1")
-        separator = ", " if " " in self._challenge else " "
-        return (self._challenge + separator + ", ".join(parts)).encode("latin-1", "replace")
+            return self._scheme.encode("latin-1")
+        separator = ", " if " " in self._scheme else " "
+        return (self._scheme + separator + ", ".join(parts)).encode("latin-1", "replace")
 
-    def mode(self, scope: Scope) -> AuthMode:
+    def _mode(self, scope: Scope) -> AuthMode:
         if self._routes is None:
             return self._default
         found = self._routes.lookup(request_path(scope), scope.get("method"))
         return self._default if found is None else found
 
-    def token(self, scope: Scope) -> bytes | None:
+    def _token(self, scope: Scope) -> bytes | None:
         """The presented token, or None. Raises `InvalidTokenError("invalid_request")` when ambiguous."""
         headers = scope["headers"]
         found: list[bytes] = []
@@ -285,27 +288,27 @@ class BearerGate:
             raise InvalidTokenError("invalid_request", "The token was presented more than once")
         return found[0]
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            mode = self.mode(scope)
+            mode = self._mode(scope)
         except InvalidPathError:
             await send_problem(scope, send, Problem(400, "The request path is invalid"), layer=_LAYER)
             return
         if mode == "exempt":
-            await app(scope, receive, send)
+            await self.app(scope, receive, send)
             return
         context = get_context(scope)
         try:
-            token = self.token(scope)
+            token = self._token(scope)
             # The app runs outside this try: its own exceptions must propagate, never become a refusal.
             principal = None if token is None else await self._authenticate(token, scope)
         except InvalidTokenError as exc:
             context.record(_LAYER, "deny", reason=exc.reason, method=self._method)
             if exc.reason == "invalid_request":
-                challenge = self.challenge("invalid_request", exc.description)
+                challenge = self._www_authenticate("invalid_request", exc.description)
                 await self._refuse(scope, send, 400, exc.description, challenge)
             else:
-                challenge = self.challenge("invalid_token", exc.description)
+                challenge = self._www_authenticate("invalid_token", exc.description)
                 await self._refuse(scope, send, 401, exc.description, challenge, error="invalid_token")
             return
         except VerifierUnavailableError as exc:
@@ -327,9 +330,9 @@ class BearerGate:
             context.decisions.append(self._anonymous)
         else:
             context.record(_LAYER, "deny", reason="missing_credentials", method=self._method)
-            await self._refuse(scope, send, 401, "Authentication is required", self.challenge())
+            await self._refuse(scope, send, 401, "Authentication is required", self._www_authenticate())
             return
-        await app(scope, receive, send)
+        await self.app(scope, receive, send)
 
     async def _refuse(
         self,

@@ -36,7 +36,7 @@ from nexus_middleware.bearer import (
 from nexus_middleware.clock import SYSTEM_CLOCK, Clock
 from nexus_middleware.context import Principal
 from nexus_middleware.errors import ConfigurationError, InvalidTokenError, VerifierUnavailableError
-from nexus_middleware.types import ASGIApp, Receive, Scope, Send
+from nexus_middleware.types import ASGIApp, Scope
 
 __all__ = ["IntrospectionMiddleware", "IntrospectionPolicy"]
 
@@ -72,7 +72,7 @@ class IntrospectionPolicy:
             raise ConfigurationError(f"unsupported client auth method {self.auth_method!r}")
 
 
-class IntrospectionMiddleware:
+class IntrospectionMiddleware(BearerGate):
     """Authenticates opaque bearer tokens by RFC 7662 introspection; see docs/introspection.md."""
 
     def __init__(
@@ -101,7 +101,6 @@ class IntrospectionMiddleware:
         )
         if audiences is not None and (not audiences or "" in audiences):
             raise ConfigurationError("audience must hold non-empty strings")
-        self.app = app
         self._endpoint = endpoint
         self._policy = policy = policy or IntrospectionPolicy()
         self._issuer = issuer
@@ -121,8 +120,8 @@ class IntrospectionMiddleware:
             self._headers["authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
         else:
             self._form |= {"client_id": client_id, "client_secret": client_secret}
-        self._gate = BearerGate(
-            authenticate=self._authenticate,
+        super().__init__(
+            app,
             method="introspection",
             routes=routes,
             default=default,
@@ -132,12 +131,6 @@ class IntrospectionMiddleware:
 
     def __repr__(self) -> str:
         return f"IntrospectionMiddleware(endpoint={self._endpoint!r}, policy={self._policy!r})"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        await self._gate.handle(scope, receive, send, self.app)
 
     async def aclose(self) -> None:
         for task in self._inflight.values():

@@ -41,7 +41,7 @@ from nexus_middleware.errors import (
 )
 from nexus_middleware.jwks import JWKSCache, JWKSPolicy
 from nexus_middleware.storage import KeyValueStore
-from nexus_middleware.types import ASGIApp, Receive, Scope, Send
+from nexus_middleware.types import ASGIApp, Scope
 
 __all__ = ["JWTAuthMiddleware", "JWTIssuer", "JWTPolicy", "RevocationList"]
 
@@ -212,7 +212,7 @@ def _typ_matches(header: Mapping[str, Any], expected: str) -> bool:
     return typ == expected or typ == "application/" + expected
 
 
-class JWTAuthMiddleware:
+class JWTAuthMiddleware(BearerGate):
     """Authenticates `Authorization: Bearer <JWT>` and publishes the `Principal`; see docs/jwt_auth.md."""
 
     def __init__(
@@ -231,7 +231,6 @@ class JWTAuthMiddleware:
     ) -> None:
         if not issuers:
             raise ConfigurationError("at least one issuer is required")
-        self.app = app
         self._policy = policy = policy or JWTPolicy()
         self._issuers: dict[str, JWTIssuer] = {}
         self._jwks: dict[str, JWKSCache] = {}
@@ -245,23 +244,12 @@ class JWTAuthMiddleware:
         self._revocation = revocation
         self._clock = clock
         self._cache = TokenCache(policy.cache_size)
-        self._gate = BearerGate(
-            authenticate=self._authenticate,
-            method="jwt",
-            routes=routes,
-            default=default,
-            location=policy.location,
-            realm=policy.realm,
+        super().__init__(
+            app, method="jwt", routes=routes, default=default, location=policy.location, realm=policy.realm
         )
 
     def __repr__(self) -> str:
         return f"JWTAuthMiddleware(issuers={list(self._issuers)!r}, policy={self._policy!r})"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        await self._gate.handle(scope, receive, send, self.app)
 
     async def aclose(self) -> None:
         """Close the HTTP clients the JWKS caches created (an injected client is left to its owner)."""
