@@ -19,8 +19,9 @@ from nexus_middleware.client import ClientAddressResolver
 from nexus_middleware.clock import SYSTEM_CLOCK, Clock
 from nexus_middleware.context import get_context, route_template
 from nexus_middleware.errors import ConfigurationError
+from nexus_middleware.exchange import ExchangeMeter
 from nexus_middleware.redaction import Redactor
-from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
+from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 
 __all__ = ["AccessLogMiddleware", "build_access_record"]
 
@@ -150,43 +151,17 @@ class AccessLogMiddleware:
         if self._skip is not None and self._skip(scope):
             await self.app(scope, receive, send)
             return
-        status = 0
-        bytes_in = 0
-        bytes_out = 0
-
-        async def counting_receive() -> Message:
-            nonlocal bytes_in
-            message = await receive()
-            body = message.get("body") or message.get("bytes") or message.get("text")
-            if body:
-                bytes_in += len(body)
-            return message
-
-        async def counting_send(message: Message) -> None:
-            nonlocal status, bytes_out
-            message_type = message["type"]
-            if message_type in ("http.response.body", "websocket.http.response.body", "websocket.send"):
-                body = message.get("body") or message.get("bytes") or message.get("text")
-                if body:
-                    bytes_out += len(body)
-            elif message_type in ("http.response.start", "websocket.http.response.start"):
-                status = message["status"]
-            elif message_type == "websocket.accept":
-                status = 101
-            elif message_type == "websocket.close" and status == 0:
-                status = 403  # closed before accept: the server answers the handshake with 403
-            await send(message)
-
+        meter = ExchangeMeter(receive, send)
         wall = self._clock.time()
         start = self._clock.monotonic()
         try:
-            await self.app(scope, counting_receive, counting_send)
+            await self.app(scope, meter.receive, meter.send)
         except BaseException:
-            if status == 0:
-                status = 500
+            meter.failed()
             raise
         finally:
-            self._log(scope, status, self._clock.monotonic() - start, bytes_in, bytes_out, wall)
+            duration = self._clock.monotonic() - start
+            self._log(scope, meter.status, duration, meter.bytes_in, meter.bytes_out, wall)
 
     def _log(
         self, scope: Scope, status: int, duration: float, bytes_in: int, bytes_out: int, wall: float

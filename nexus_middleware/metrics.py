@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, cast
 from nexus_middleware.client import ClientAddressResolver
 from nexus_middleware.context import Decision, peek_context, route_template
 from nexus_middleware.errors import ConfigurationError, InvalidPathError
+from nexus_middleware.exchange import ExchangeMeter
 from nexus_middleware.headers import get_header
 from nexus_middleware.paths import RouteTable, request_path
 from nexus_middleware.problem import Problem, send_problem
@@ -310,40 +311,17 @@ class MetricsMiddleware:
             method = "OTHER"
         in_flight = metrics.in_flight_children[method]
         in_flight.inc()
-        status = 0
-        bytes_in = 0
-        bytes_out = 0
-
-        async def counting_receive() -> Message:
-            nonlocal bytes_in
-            message = await receive()
-            body = message.get("body")
-            if body:
-                bytes_in += len(body)
-            return message
-
-        async def counting_send(message: Message) -> None:
-            nonlocal status, bytes_out
-            kind = message["type"]
-            if kind == "http.response.body":
-                body = message.get("body")
-                if body:
-                    bytes_out += len(body)
-            elif kind == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        meter = ExchangeMeter(receive, send)
         start = self._clock()
         try:
-            await self.app(scope, counting_receive, counting_send)
+            await self.app(scope, meter.receive, meter.send)
         except BaseException:
-            if status == 0:
-                status = 500  # what the server will answer for an exception before the response started
+            meter.failed()
             raise
         finally:
             elapsed = self._clock() - start
             in_flight.dec()
-            self._observe(scope, method, status, elapsed, bytes_in, bytes_out)
+            self._observe(scope, method, meter.status, elapsed, meter.bytes_in, meter.bytes_out)
 
     def _observe(
         self, scope: Scope, method: str, status: int, elapsed: float, bytes_in: int, bytes_out: int
