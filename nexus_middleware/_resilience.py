@@ -53,7 +53,13 @@ class PolicyRouter(Generic[P]):
         default: P | None,
         routes: Iterable[tuple[str, Iterable[str] | None, P | None]],
         key_policies: Mapping[str, P | None] | None = None,
+        *,
+        policy_type: type[P],
     ) -> None:
+        routes = list(routes)
+        policies = [default, *(policy for _, _, policy in routes), *(key_policies or {}).values()]
+        if any(policy is not None and not isinstance(policy, policy_type) for policy in policies):
+            raise ConfigurationError(f"policies must be {policy_type.__name__} instances or None")
         if isinstance(key, str):
             if key not in _KINDS:
                 raise ConfigurationError(f"key must be one of {sorted(_KINDS)} or an async callable: {key!r}")

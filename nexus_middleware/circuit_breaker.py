@@ -529,16 +529,12 @@ class CircuitBreakerMiddleware:
         max_breakers: int = 1024,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        routes = list(routes)
-        policies = [policy, *(p for _, _, p in routes), *(key_policies or {}).values()]
-        if any(p is not None and not isinstance(p, BreakerPolicy) for p in policies):
-            raise ConfigurationError("policies must be BreakerPolicy instances or None")
         if max_breakers < 1:
             raise ConfigurationError("max_breakers must be at least 1")
         if fallback is not None and not callable(fallback):
             raise ConfigurationError("fallback must be an ASGI app")
         self.app = app
-        self._router = PolicyRouter(key, policy, routes, key_policies)
+        self._router = PolicyRouter(key, policy, routes, key_policies, policy_type=BreakerPolicy)
         self._fallback = fallback
         self._sync = sync
         self._staleness = 0.0 if sync is None else sync.staleness

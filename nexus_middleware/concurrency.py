@@ -267,16 +267,12 @@ class ConcurrencyLimitMiddleware:
         max_keys: int = 1024,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
-        routes = list(routes)
-        policies = [policy, *(p for _, _, p in routes), *(key_policies or {}).values()]
-        if any(p is not None and not isinstance(p, ConcurrencyPolicy) for p in policies):
-            raise ConfigurationError("policies must be ConcurrencyPolicy instances or None")
         if max_keys < 1:
             raise ConfigurationError("max_keys must be at least 1")
         if classify is not None and not callable(classify):
             raise ConfigurationError("classify must be a callable")
         self.app = app
-        self._router = PolicyRouter(key, policy, routes, key_policies)
+        self._router = PolicyRouter(key, policy, routes, key_policies, policy_type=ConcurrencyPolicy)
         self._classify = classify
         self._route_classes: RouteTable[str] | None = RouteTable(route_classes) or None
         self._priority_header = None if priority_header is None else priority_header.lower().encode("latin-1")
