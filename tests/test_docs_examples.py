@@ -48,6 +48,37 @@ EXAMPLES: list[tuple[str, str, str, bytes | None, Callable[[httpx.Response], boo
     ("docs/body_limit.md", "POST", "/elsewhere", BIG, lambda r: r.status_code == 413),
     ("docs/body_limit.md", "POST", "/import", BIG, lambda r: r.status_code == 404),  # no limit, no route
     ("docs/body_limit.md", "POST", "/uploads/a", BIG, lambda r: r.status_code == 404),
+    (
+        "docs/composition.md",
+        "GET",
+        "/health",
+        None,
+        lambda r: (
+            r.json() == {"status": "ok"}
+            and len(r.headers["x-request-id"]) == 32
+            and r.headers["x-content-type-options"] == "nosniff"
+            and "ratelimit" in r.headers
+        ),
+    ),
+    (
+        "docs/composition.md",
+        "GET",
+        "/orders",
+        None,
+        lambda r: (
+            r.status_code == 401
+            and r.json()["request_id"] == r.headers["x-request-id"]
+            and r.headers["www-authenticate"] == "Bearer"
+            and r.headers["x-content-type-options"] == "nosniff"
+        ),
+    ),
+    (
+        "docs/composition.md",
+        "GET",
+        "/metrics",
+        None,
+        lambda r: r.status_code == 200 and "nexus_http_requests_total" in r.text,
+    ),
 ]
 
 
@@ -68,3 +99,24 @@ async def test_example_runs_verbatim(
             if handler not in root_handlers:
                 root.removeHandler(handler)
     assert check(response), (response.status_code, response.headers, response.text)
+
+
+def test_index_links_every_middleware_page_once_in_alphabetical_order() -> None:
+    index = (ROOT / "docs/index.md").read_text()
+    section = index.split("## Middlewares\n", 1)[1].split("\n## ", 1)[0]
+    entries = [line for line in section.splitlines() if line.startswith("- [")]
+    assert len(entries) == len(section.strip().splitlines()) - 1  # one line each, below the comment
+    titles = [line[3 : line.index("]")] for line in entries]
+    assert titles == sorted(titles, key=str.lower)
+    linked = {line[line.index("](") + 2 : line.index(")")] for line in entries}
+    pages = {path.name for path in (ROOT / "docs").glob("*.md")} - {"index.md", "core.md", "composition.md"}
+    assert linked == pages
+
+
+def test_composition_table_places_every_exported_middleware() -> None:
+    import nexus_middleware
+
+    table = (ROOT / "docs/composition.md").read_text().split("\n\n", 2)[2].split("\n\n", 1)[0]
+    for name in nexus_middleware.__all__:
+        if name.endswith("Middleware"):
+            assert f"`{name}`" in table, f"{name} has no row in docs/composition.md"
