@@ -6,8 +6,8 @@ from typing import Generic, Literal, TypeVar
 
 from nexus_middleware.context import get_context
 from nexus_middleware.errors import ConfigurationError, InvalidPathError
-from nexus_middleware.paths import RouteTable, request_path
-from nexus_middleware.problem import Problem, send_problem
+from nexus_middleware.paths import INVALID_PATH, RouteTable, request_path
+from nexus_middleware.problem import send_problem
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 
 __all__ = [
@@ -86,7 +86,7 @@ class PolicyRouter(Generic[P]):
             try:
                 found = self._routes.lookup(request_path(scope), scope.get("method", "GET"))
             except InvalidPathError:
-                await send_problem(scope, send, Problem(400, "The request path is invalid."), layer=layer)
+                await send_problem(scope, send, INVALID_PATH, layer=layer)
                 return None
             if found is not None:
                 pattern, policy = found

@@ -32,7 +32,7 @@ from nexus_middleware.errors import (
     VerifierUnavailableError,
 )
 from nexus_middleware.headers import get_headers
-from nexus_middleware.paths import RouteTable, request_path
+from nexus_middleware.paths import INVALID_PATH, RouteTable, request_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 
@@ -292,7 +292,7 @@ class BearerGate:
         try:
             mode = self._mode(scope)
         except InvalidPathError:
-            await send_problem(scope, send, Problem(400, "The request path is invalid"), layer=_LAYER)
+            await send_problem(scope, send, INVALID_PATH, layer=_LAYER)
             return
         if mode == "exempt":
             await self.app(scope, receive, send)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from nexus_middleware.context import get_context
 from nexus_middleware.errors import ConfigurationError, InvalidPathError, RequestBodyTooLargeError
-from nexus_middleware.paths import RouteTable, request_path
+from nexus_middleware.paths import INVALID_PATH, RouteTable, request_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -86,7 +86,8 @@ class BodySizeLimitMiddleware:
             try:
                 path = request_path(scope)
             except InvalidPathError:
-                await self._refuse(scope, send, 400, "invalid_request", "The request path is invalid.")
+                get_context(scope).record(_LAYER, "deny", reason="invalid_request")
+                await send_problem(scope, send, INVALID_PATH, layer=_LAYER)
                 return
             found = self._routes.match(path, scope["method"])
             if found is not None:

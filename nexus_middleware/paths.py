@@ -21,14 +21,19 @@ from typing import Generic, Literal, TypeVar
 
 from nexus_middleware.context import get_context
 from nexus_middleware.errors import ConfigurationError, InvalidPathError
+from nexus_middleware.problem import Problem
 from nexus_middleware.types import Scope
 
 __all__ = [
+    "INVALID_PATH",
     "PathPattern",
     "RouteTable",
     "normalize_path",
     "request_path",
 ]
+
+# What every layer answers when `request_path` raises: one text, whichever layer saw the path first.
+INVALID_PATH = Problem(400, "The request path is invalid.")
 
 SlashPolicy = Literal["decode", "keep", "reject"]
 BackslashPolicy = Literal["keep", "slash", "reject"]
@@ -127,7 +132,7 @@ def _is_clean(data: bytes) -> bool:
 def request_path(scope: Scope) -> str:
     """The normalized path of the request with the default policy, computed once per request.
 
-    Raises `InvalidPathError`; callers answer 400.
+    Raises `InvalidPathError`; callers answer `INVALID_PATH` (400).
     """
     context = get_context(scope)
     cached = context.extras.get("nexus.path")

@@ -25,7 +25,7 @@ from nexus_middleware.clock import SYSTEM_CLOCK, Clock
 from nexus_middleware.context import Principal, RequestContext, get_context
 from nexus_middleware.errors import ConfigurationError, InvalidPathError, StorageError
 from nexus_middleware.headers import get_header
-from nexus_middleware.paths import RouteTable, request_path
+from nexus_middleware.paths import INVALID_PATH, RouteTable, request_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.ratelimit_backends import (
     LimiterBackend,
@@ -174,8 +174,8 @@ class RateLimitMiddleware:
         context = get_context(scope)
         try:
             path = request_path(scope)
-        except InvalidPathError as exc:
-            await send_problem(scope, send, Problem(400, str(exc)), layer=LAYER)
+        except InvalidPathError:
+            await send_problem(scope, send, INVALID_PATH, layer=LAYER)
             return
         method = scope.get("method", "GET")
         found = self._policies.table.lookup(path, method)

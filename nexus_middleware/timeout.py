@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from nexus_middleware.clock import SYSTEM_CLOCK, Clock
 from nexus_middleware.context import get_context
 from nexus_middleware.errors import ConfigurationError, DeadlineExceededError, InvalidPathError
-from nexus_middleware.paths import RouteTable, request_path
+from nexus_middleware.paths import INVALID_PATH, RouteTable, request_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -71,7 +71,7 @@ class TimeoutMiddleware:
             try:
                 found = self._routes.match(request_path(scope), scope.get("method", "GET"))
             except InvalidPathError:
-                await send_problem(scope, send, Problem(400, "The request path is invalid."), layer="timeout")
+                await send_problem(scope, send, INVALID_PATH, layer="timeout")
                 return
             if found is not None:
                 seconds = found[0]

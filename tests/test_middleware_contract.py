@@ -37,7 +37,7 @@ from nexus_middleware import (
 )
 from nexus_middleware.audit import LoggerSink
 from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
-from tests.support.asgi import make_scope
+from tests.support.asgi import make_scope, run_asgi
 from tests.support.idp import AUDIENCE, ISSUER, mint
 
 SIGNING_KEY = OctKey.generate_key(256)
@@ -156,3 +156,36 @@ async def test_streamed_chunks_pass_through_one_by_one(name: str) -> None:
     assert [m["body"] for m in bodies_sent] == CHUNKS
     assert [m.get("more_body", False) for m in bodies_sent] == [True] * (len(CHUNKS) - 1) + [False]
     assert delivered_before_next == [True] * len(CHUNKS)
+
+
+# Every layer that matches routes answers an unusable path the same way, whichever sees it first.
+ORDERS_UNPROTECTED = [("/orders", None, None)]
+ROUTED: dict[str, Callable[[ASGIApp], ASGIApp]] = {
+    "BodySizeLimitMiddleware": lambda app: BodySizeLimitMiddleware(app, route_limits={"/uploads/*": 10}),
+    "CircuitBreakerMiddleware": lambda app: CircuitBreakerMiddleware(app, routes=ORDERS_UNPROTECTED),
+    "ConcurrencyLimitMiddleware": lambda app: ConcurrencyLimitMiddleware(
+        app, routes=[("/orders", None, None)]
+    ),
+    "IntrospectionMiddleware": ROUTE_OPTIONS["IntrospectionMiddleware"],
+    "JWTAuthMiddleware": lambda app: JWTAuthMiddleware(
+        app,
+        issuers=[JWTIssuer(ISSUER, AUDIENCE, ["HS256"], keys=[SIGNING_KEY])],
+        routes=[("/health", None, "exempt")],
+    ),
+    "RateLimitMiddleware": BUILDERS["RateLimitMiddleware"],
+    "TimeoutMiddleware": lambda app: TimeoutMiddleware(app, routes=[("/slow", None, 60.0)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUTED))
+async def test_an_invalid_path_is_the_same_400_problem_everywhere(name: str) -> None:
+    reached: list[Scope] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        reached.append(scope)
+
+    recorded = await run_asgi(ROUTED[name](app), make_scope("/orders%00", raw_path=b"/orders%00"))
+    assert reached == []
+    assert recorded.status == 400
+    assert recorded.header("content-type") == "application/problem+json"
+    assert recorded.json()["detail"] == "The request path is invalid."
