@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nexus_middleware.client import ClientAddressResolver
-from nexus_middleware.clock import SYSTEM_CLOCK, Clock
+from nexus_middleware.clock import SYSTEM_CLOCK, Clock, utc_timestamp
 from nexus_middleware.context import get_context, route_template
 from nexus_middleware.errors import ConfigurationError
 from nexus_middleware.exchange import ExchangeMeter
@@ -28,12 +28,8 @@ __all__ = ["AccessLogMiddleware", "build_access_record"]
 _DEFAULT_LOGGER = logging.getLogger(__name__)
 
 
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class _UtcMillis:
-    """`_iso(epoch)`, formatting the date and time of day once per second instead of once per request.
+    """`utc_timestamp(epoch)`, with the date and time of day formatted once per second, not once per request.
 
     The rounding is `datetime.fromtimestamp`'s (microseconds rounded half to even, then truncated to
     milliseconds by `isoformat`), so both give the same text for every timestamp.
@@ -72,7 +68,7 @@ def build_access_record(
     redactor: Redactor,
 ) -> dict[str, Any]:
     """The access-log record of a finished request, redacted."""
-    return _record(scope, status, duration, bytes_in, bytes_out, _iso(wall_time), client, redactor)
+    return _record(scope, status, duration, bytes_in, bytes_out, utc_timestamp(wall_time), client, redactor)
 
 
 def _record(

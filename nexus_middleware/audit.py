@@ -16,17 +16,17 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
 import httpx
 
 from nexus_middleware.client import ClientAddressResolver
-from nexus_middleware.clock import SYSTEM_CLOCK, Clock
+from nexus_middleware.clock import SYSTEM_CLOCK, Clock, utc_timestamp
 from nexus_middleware.context import RequestContext, peek_context, route_template
 from nexus_middleware.errors import ConfigurationError
+from nexus_middleware.exchange import ExchangeMeter
 from nexus_middleware.redaction import Redactor
-from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
+from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 
 __all__ = [
     "AuditLogMiddleware",
@@ -277,10 +277,6 @@ class WebhookSink(_QueuedSink):
             await client.aclose()
 
 
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 class AuditLogMiddleware:
     """Emits one redacted decision record per refused or flagged request to every sink.
 
@@ -323,25 +319,12 @@ class AuditLogMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        status = 0
-
-        async def watching_send(message: Message) -> None:
-            nonlocal status
-            if status == 0:
-                message_type = message["type"]
-                if message_type in ("http.response.start", "websocket.http.response.start"):
-                    status = message["status"]
-                elif message_type == "websocket.accept":
-                    status = 101
-                elif message_type == "websocket.close":
-                    status = 403
-            await send(message)
-
+        meter = ExchangeMeter(receive, send)
         wall = self._clock.time()
         try:
-            await self.app(scope, receive, watching_send)
+            await self.app(scope, receive, meter.send)
         except BaseException:
-            status = status or 500
+            meter.failed()
             raise
         finally:
             context = peek_context(scope)  # no context: no layer decided anything, nothing to audit
@@ -349,12 +332,12 @@ class AuditLogMiddleware:
                 context.local_response is not None
                 or not self._flagged.isdisjoint([decision.outcome for decision in context.decisions])
             ):
-                self._emit(self._record(scope, context, status, wall))
+                self._emit(self._record(scope, context, meter.status, wall))
 
     def _record(self, scope: Scope, context: RequestContext, status: int, wall: float) -> dict[str, Any]:
         principal = context.principal
         record = {
-            "time": _iso(wall),
+            "time": utc_timestamp(wall),
             "request_id": context.request_id,
             "trace_id": context.trace_id,
             "client": self._resolver.resolve(scope),

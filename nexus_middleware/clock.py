@@ -1,9 +1,15 @@
 """Injectable clocks: every time-dependent part of the suite takes one, so tests never sleep."""
 
 import time
+from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Clock", "ManualClock", "SYSTEM_CLOCK", "SystemClock"]
+__all__ = ["Clock", "ManualClock", "SYSTEM_CLOCK", "SystemClock", "utc_timestamp"]
+
+
+def utc_timestamp(epoch: float) -> str:
+    """`epoch` as the suite's log and audit records write it: ISO 8601, UTC, milliseconds, `Z`."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @runtime_checkable
