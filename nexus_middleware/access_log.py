@@ -151,10 +151,7 @@ class AccessLogMiddleware:
         wall = self._clock.time()
         start = self._clock.monotonic()
         try:
-            await self.app(scope, meter.receive, meter.send)
-        except BaseException:
-            meter.failed()
-            raise
+            await meter.run(self.app, scope)
         finally:
             duration = self._clock.monotonic() - start
             self._log(scope, meter.status, duration, meter.bytes_in, meter.bytes_out, wall)

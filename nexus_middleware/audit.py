@@ -322,10 +322,7 @@ class AuditLogMiddleware:
         meter = ExchangeMeter(receive, send)
         wall = self._clock.time()
         try:
-            await self.app(scope, receive, meter.send)
-        except BaseException:
-            meter.failed()
-            raise
+            await meter.run(self.app, scope)
         finally:
             context = peek_context(scope)  # no context: no layer decided anything, nothing to audit
             if context is not None and (

@@ -3,7 +3,7 @@
 Metrics and the access log both need it; it lives here so the two concerns count the same way.
 """
 
-from nexus_middleware.types import Message, Receive, Send
+from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["ExchangeMeter"]
 
@@ -12,7 +12,8 @@ _START = frozenset({"http.response.start", "websocket.http.response.start"})
 
 
 class ExchangeMeter:
-    """Wraps `receive` and `send` of one request, counting body bytes and remembering the status.
+    """Wraps `receive` and `send` of one request (`run(app, scope)`, or pass `meter.receive` and `meter.send`
+    yourself), counting body bytes and remembering the status.
 
     `status` is the response status (http, or a websocket denial response), 101 once a websocket is accepted,
     403 when it is closed before accept (what the server answers the handshake), and 0 while nothing was sent.
@@ -49,7 +50,12 @@ class ExchangeMeter:
             self.status = 403
         await self._send(message)
 
-    def failed(self) -> None:
-        """The app raised: with no response started, the server will answer 500."""
-        if self.status == 0:
-            self.status = 500
+    async def run(self, app: ASGIApp, scope: Scope) -> None:
+        """Run `app` through the meter. When it raises before a response started, the server answers 500:
+        so does `status`."""
+        try:
+            await app(scope, self.receive, self.send)
+        except BaseException:
+            if self.status == 0:
+                self.status = 500
+            raise

@@ -314,10 +314,7 @@ class MetricsMiddleware:
         meter = ExchangeMeter(receive, send)
         start = self._clock()
         try:
-            await self.app(scope, meter.receive, meter.send)
-        except BaseException:
-            meter.failed()
-            raise
+            await meter.run(self.app, scope)
         finally:
             elapsed = self._clock() - start
             in_flight.dec()

@@ -82,6 +82,7 @@ class RequestIDMiddleware:
         ).fullmatch
         self._generate = generator
         self._reject = on_invalid == "reject"
+        self._invalid = Problem(400, f"The {self._header.decode()} header is not a valid request id.")
         self._trust_incoming = trust_incoming
         self._echo = echo
 
@@ -119,10 +120,9 @@ class RequestIDMiddleware:
         elif self._reject:
             context.request_id = self._generate()
             context.record("request_id", "deny", reason="invalid_request_id")
-            problem = Problem(400, f"The {self._header.decode()} header is not a valid request id.")
             echoed = [(header, context.request_id.encode("latin-1"))] if self._echo else []
             with bind_context(context):
-                await send_problem(scope, send, problem, headers=echoed, layer="request_id")
+                await send_problem(scope, send, self._invalid, headers=echoed, layer="request_id")
             return
         else:
             request_id = self._generate()

@@ -3,7 +3,8 @@
 import pytest
 
 from nexus_middleware.exchange import ExchangeMeter
-from nexus_middleware.types import Message
+from nexus_middleware.types import Message, Receive, Scope, Send
+from tests.support.asgi import make_scope
 
 HTTP_EXCHANGE: list[Message] = [
     {"type": "http.response.start", "status": 201, "headers": []},
@@ -62,16 +63,24 @@ async def test_meter_counts_what_passes_and_forwards_it_untouched(
     assert (meter.status, meter.bytes_in, meter.bytes_out) == (status, bytes_in, bytes_out)
 
 
-async def test_a_failure_before_the_response_counts_as_500_and_after_it_keeps_the_status() -> None:
+async def test_an_app_that_raises_before_the_response_counts_as_500_and_after_it_keeps_the_status() -> None:
     async def send(message: Message) -> None:
         return None
 
     async def receive() -> Message:
         return {"type": "http.disconnect"}
 
+    async def fails_early(scope: Scope, receive: Receive, send: Send) -> None:
+        raise RuntimeError("before")
+
+    async def fails_late(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(HTTP_EXCHANGE[0])
+        raise RuntimeError("after")
+
     before = ExchangeMeter(receive, send)
-    before.failed()
     after = ExchangeMeter(receive, send)
-    await after.send(HTTP_EXCHANGE[0])
-    after.failed()
+    with pytest.raises(RuntimeError, match="before"):
+        await before.run(fails_early, make_scope())
+    with pytest.raises(RuntimeError, match="after"):
+        await after.run(fails_late, make_scope())
     assert (before.status, after.status) == (500, 201)
