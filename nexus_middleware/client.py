@@ -15,7 +15,7 @@ from nexus_middleware.errors import ConfigurationError
 from nexus_middleware.headers import get_headers
 from nexus_middleware.types import Scope
 
-__all__ = ["ClientAddressResolver", "normalize_ip"]
+__all__ = ["AddressSet", "ClientAddressResolver", "normalize_ip"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -61,6 +61,39 @@ def _forwarded_for(value: str) -> list[str]:
     return hops
 
 
+class AddressSet:
+    """Addresses and CIDRs (`"10.0.0.0/8"`, `"::1"`, and `"*"` for every address when `wildcard`): trusted
+    proxies, allowlists, exempt networks. `option` names the setting in the `ConfigurationError` for a bad
+    entry."""
+
+    __slots__ = ("_everything", "_networks")
+
+    def __init__(self, entries: Iterable[str], *, option: str, wildcard: bool = True) -> None:
+        networks: list[IPNetwork] = []
+        everything = False
+        for entry in entries:
+            if entry == "*" and wildcard:
+                everything = True
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+            except ValueError as exc:
+                raise ConfigurationError(f"{option}: {entry!r} is not an address or CIDR") from exc
+        self._networks = tuple(networks)
+        self._everything = everything
+
+    def __bool__(self) -> bool:
+        return self._everything or bool(self._networks)
+
+    def __contains__(self, address: IPAddress) -> bool:
+        if self._everything:
+            return True
+        return any(address.version == net.version and address in net for net in self._networks)
+
+    def entries(self) -> list[str]:
+        return [str(net) for net in self._networks] + (["*"] if self._everything else [])
+
+
 class ClientAddressResolver:
     """Resolves the client address of a request.
 
@@ -71,7 +104,7 @@ class ClientAddressResolver:
       touch would let clients choose their own address.
     """
 
-    __slots__ = ("_header", "_hops", "_networks", "_peer_only", "_trust_all")
+    __slots__ = ("_header", "_hops", "_peer_only", "_trusted")
 
     def __init__(
         self,
@@ -80,41 +113,28 @@ class ClientAddressResolver:
         trusted_hops: int | None = None,
         header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for",
     ) -> None:
-        networks: list[IPNetwork] = []
-        trust_all = False
-        for entry in trusted_proxies:
-            if entry == "*":
-                trust_all = True
-                continue
-            try:
-                networks.append(ipaddress.ip_network(entry.strip(), strict=False))
-            except ValueError as exc:
-                raise ConfigurationError(f"trusted_proxies: {entry!r} is not an address or CIDR") from exc
+        trusted = AddressSet(trusted_proxies, option="trusted_proxies")
         if trusted_hops is not None:
-            if networks or trust_all:
+            if trusted:
                 raise ConfigurationError("set trusted_proxies or trusted_hops, not both")
             if trusted_hops < 0:
                 raise ConfigurationError("trusted_hops must be zero or more")
         if header not in _HEADER_NAMES:
             raise ConfigurationError(f"header must be one of {sorted(_HEADER_NAMES)}")
-        self._networks = tuple(networks)
-        self._trust_all = trust_all
+        self._trusted = trusted
         self._hops = trusted_hops
         self._header = header
         # No forwarding header is ever believed: the client is the TCP peer.
-        self._peer_only = trusted_hops == 0 or (trusted_hops is None and not networks and not trust_all)
+        self._peer_only = trusted_hops == 0 or (trusted_hops is None and not trusted)
 
     def __repr__(self) -> str:
-        trusted = [str(n) for n in self._networks] + (["*"] if self._trust_all else [])
         return (
-            f"ClientAddressResolver(trusted_proxies={trusted!r}, trusted_hops={self._hops!r}, "
-            f"header={self._header!r})"
+            f"ClientAddressResolver(trusted_proxies={self._trusted.entries()!r}, "
+            f"trusted_hops={self._hops!r}, header={self._header!r})"
         )
 
     def is_trusted(self, address: IPAddress) -> bool:
-        if self._trust_all:
-            return True
-        return any(address.version == net.version and address in net for net in self._networks)
+        return address in self._trusted
 
     def resolve(self, scope: Scope) -> str | None:
         """The client address as canonical text, or None when the server reports no peer (unix sockets)."""
@@ -129,7 +149,7 @@ class ClientAddressResolver:
         if self._hops is not None:
             if self._hops == 0:
                 return str(peer)
-        elif not (self._networks or self._trust_all) or not self.is_trusted(peer):
+        elif peer not in self._trusted:
             return str(peer)
         hops = self._hops_from_headers(scope)
         if not hops:
@@ -145,7 +165,7 @@ class ClientAddressResolver:
             address = _parse_ip(text)
             if address is None:
                 continue
-            if not self.is_trusted(address):
+            if address not in self._trusted:
                 return str(address)
             leftmost = address
         # Every hop is a trusted proxy: the request started inside the trusted network.

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from nexus_middleware.client import ClientAddressResolver
+from nexus_middleware.client import AddressSet, ClientAddressResolver
 from nexus_middleware.context import Decision, peek_context, route_template
 from nexus_middleware.errors import ConfigurationError, InvalidPathError
 from nexus_middleware.exchange import ExchangeMeter
@@ -460,11 +460,7 @@ class MetricsApp:
         client_resolver: ClientAddressResolver | None = None,
     ) -> None:
         prom = _import_prometheus()
-        try:
-            # The resolver's trusted-network matcher is exactly an address allowlist.
-            allowlist = ClientAddressResolver(trusted_proxies=allow)
-        except ConfigurationError as exc:
-            raise ConfigurationError(f"allow: {exc}") from exc
+        allowlist = AddressSet(allow, option="allow")
         if multiprocess_dir is not None and not multiprocess_dir:
             raise ConfigurationError("multiprocess_dir may not be empty")
         self._prom = prom
@@ -475,7 +471,7 @@ class MetricsApp:
 
     def _allowed(self, scope: Scope) -> bool:
         address = self._resolver.resolve(scope)
-        return address is not None and self._allowlist.is_trusted(ipaddress.ip_address(address))
+        return address is not None and ipaddress.ip_address(address) in self._allowlist
 
     def _render(self, accept: str) -> tuple[bytes, str]:
         encoder, content_type = self._prom.exposition.choose_encoder(accept)

@@ -20,7 +20,7 @@ from typing import Any
 
 from limits import RateLimitItem
 
-from nexus_middleware.client import ClientAddressResolver
+from nexus_middleware.client import AddressSet, ClientAddressResolver
 from nexus_middleware.clock import SYSTEM_CLOCK, Clock
 from nexus_middleware.context import Principal, RequestContext, get_context
 from nexus_middleware.errors import ConfigurationError, InvalidPathError, StorageError
@@ -54,7 +54,6 @@ LAYER = "ratelimit"
 
 _POLICY_HEADER = b"ratelimit-policy"
 _LIMIT_HEADER = b"ratelimit"
-_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,13 +130,7 @@ class RateLimitMiddleware:
             if options.exempt_paths
             else None
         )
-        networks: list[_IPNetwork] = []
-        for cidr in options.exempt_networks:
-            try:
-                networks.append(ipaddress.ip_network(cidr.strip(), strict=False))
-            except ValueError as exc:
-                raise ConfigurationError(f"exempt_networks: {cidr!r} is not an address or CIDR") from exc
-        self._exempt_networks = tuple(networks)
+        self._exempt_networks = AddressSet(options.exempt_networks, option="exempt_networks", wildcard=False)
         self._ws_windows = parse_windows(options.websocket_messages) if options.websocket_messages else ()
         self._parsed: dict[str, tuple[RateLimitItem, ...]] = {}
         self._scaled: dict[RateLimitItem, RateLimitItem] = {}
@@ -401,7 +394,7 @@ class RateLimitMiddleware:
             address = ipaddress.ip_address(client.partition("/")[0])
         except ValueError:
             return False
-        return any(address.version == net.version and address in net for net in self._exempt_networks)
+        return address in self._exempt_networks
 
     async def _acquire(self, checks: list[WindowCheck]) -> list[WindowState] | None:
         if self._local:

@@ -1,8 +1,10 @@
+import ipaddress
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nexus_middleware.client import ClientAddressResolver, normalize_ip
+from nexus_middleware.client import AddressSet, ClientAddressResolver, normalize_ip
 from nexus_middleware.errors import ConfigurationError
 from tests.support.asgi import make_scope
 
@@ -139,3 +141,26 @@ def test_peer_address_is_canonical_on_every_path(peer: str, kwargs: dict[str, ob
 def test_any_dotted_quad_resolves_like_the_parser(octets: list[int], padded: bool) -> None:
     peer = ".".join(f"{octet:03d}" if padded else str(octet) for octet in octets)
     assert ClientAddressResolver().resolve(make_scope(client=(peer, 1))) == normalize_ip(peer)
+
+
+@pytest.mark.parametrize(
+    ("entries", "address", "inside"),
+    [
+        (["10.0.0.0/8"], "10.1.2.3", True),
+        (["10.0.0.0/8"], "11.0.0.1", False),
+        (["::1"], "::1", True),
+        (["10.0.0.0/8"], "::ffff:10.0.0.1", False),  # no cross-version match: callers unwrap mapped IPv6
+        (["*"], "2001:db8::1", True),
+        ([], "127.0.0.1", False),
+    ],
+)
+def test_address_set_membership(entries: list[str], address: str, inside: bool) -> None:
+    assert (ipaddress.ip_address(address) in AddressSet(entries, option="allow")) is inside
+    assert bool(AddressSet(entries, option="allow")) is bool(entries)
+
+
+def test_address_set_names_the_option_and_can_refuse_the_wildcard() -> None:
+    with pytest.raises(ConfigurationError, match="exempt_networks: '\\*' is not an address or CIDR"):
+        AddressSet(["*"], option="exempt_networks", wildcard=False)
+    with pytest.raises(ConfigurationError, match="allow: 'nope'"):
+        AddressSet(["nope"], option="allow")
