@@ -3,6 +3,8 @@
 - A lifespan scope reaches the inner app untouched: the same scope, receive and send objects, nothing added.
 - A streamed response passes through chunk by chunk: each body message reaches the server before the app
   sends the next one, with its bytes and `more_body` unchanged (nothing is buffered).
+- A websocket handshake the layer admits reaches the app, and the session's accept and close reach the server.
+- Every route-matching layer answers an unusable path with the same 400 problem, before the app runs.
 
 Each middleware is built with its default options, plus only what it cannot run without (issuers, policies,
 sinks, an endpoint) and a private metrics registry.
@@ -37,7 +39,7 @@ from nexus_middleware import (
 )
 from nexus_middleware.audit import LoggerSink
 from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
-from tests.support.asgi import make_scope, run_asgi
+from tests.support.asgi import make_scope, ok_app, run_asgi
 from tests.support.idp import AUDIENCE, ISSUER, mint
 
 SIGNING_KEY = OctKey.generate_key(256)
@@ -189,3 +191,12 @@ async def test_an_invalid_path_is_the_same_400_problem_everywhere(name: str) -> 
     assert recorded.status == 400
     assert recorded.header("content-type") == "application/problem+json"
     assert recorded.json()["detail"] == "The request path is invalid."
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+async def test_an_admitted_websocket_session_passes_through(name: str) -> None:
+    build = ROUTE_OPTIONS.get(name, BUILDERS[name])
+    headers = CREDENTIALS.get(name, list)()
+    recorded = await run_asgi(build(ok_app), make_scope("/stream", scope_type="websocket", headers=headers))
+    assert [m["type"] for m in recorded.messages] == ["websocket.accept", "websocket.close"]
+    assert recorded.messages[1] == {"type": "websocket.close", "code": 1000}
