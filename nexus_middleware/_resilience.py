@@ -1,6 +1,7 @@
 """Pieces shared by the resilience layers (breaker, concurrency limits): keys, route policies, refusals."""
 
 import math
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Generic, Literal, TypeVar
 
@@ -16,6 +17,7 @@ __all__ = [
     "PolicyRouter",
     "REDUCED_CAPACITY",
     "UPSTREAM_EXTRA",
+    "remember_state",
     "retry_after_header",
 ]
 
@@ -29,6 +31,29 @@ KeySpec = Literal["route", "upstream", "tenant", "global"] | KeyFunction
 _KINDS = frozenset({"route", "upstream", "tenant", "global"})
 
 P = TypeVar("P")
+S = TypeVar("S")
+
+
+def remember_state(
+    states: "OrderedDict[str, S]",
+    key: str,
+    state: S,
+    limit: int,
+    idle: Callable[[S], bool],
+    *,
+    evict_busy: bool,
+) -> S:
+    """Store the new `state` of `key` as the most recently used. Past `limit` states, the least recently used
+    idle one is forgotten; when none is idle, the least recently used one if `evict_busy`, else none (busy
+    states are bounded by the requests holding them)."""
+    states[key] = state
+    if len(states) > limit:
+        victim = next((k for k, s in states.items() if k != key and idle(s)), None)
+        if victim is None and evict_busy:
+            victim = next(iter(states))
+        if victim is not None:
+            del states[victim]
+    return state
 
 
 def retry_after_header(seconds: float) -> tuple[bytes, bytes]:

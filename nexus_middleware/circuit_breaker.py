@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import pybreaker
 
-from nexus_middleware._resilience import REDUCED_CAPACITY, KeySpec, PolicyRouter, retry_after_header
+from nexus_middleware._resilience import (
+    REDUCED_CAPACITY,
+    KeySpec,
+    PolicyRouter,
+    remember_state,
+    retry_after_header,
+)
 from nexus_middleware.clock import SYSTEM_CLOCK, Clock
 from nexus_middleware.context import RequestContext, get_context
 from nexus_middleware.errors import (
@@ -511,6 +517,10 @@ class _Probe:
         await self.send_downstream(message)
 
 
+def _idle(circuit: _Circuit) -> bool:
+    return circuit.state == _CLOSED and not circuit.in_flight
+
+
 class CircuitBreakerMiddleware:
     """Fails fast while a route's or an upstream's breaker is open, and lets trials probe its recovery."""
 
@@ -621,13 +631,10 @@ class CircuitBreakerMiddleware:
         if circuit is not None:
             circuits.move_to_end(key)
             return circuit
-        circuit = circuits[key] = _Circuit(key, policy, self._clock)
-        if len(circuits) > self._max_breakers:
-            # Evict the least recently used idle breaker; an open or busy one only when none is idle.
-            idle = (k for k, c in circuits.items() if c.state == _CLOSED and not c.in_flight and k != key)
-            victim = next(idle, next(iter(circuits)))
-            del circuits[victim]
-        return circuit
+        # An open or busy breaker is forgotten only when no closed, idle one is left to forget.
+        return remember_state(
+            circuits, key, _Circuit(key, policy, self._clock), self._max_breakers, _idle, evict_busy=True
+        )
 
     async def _refuse(
         self,

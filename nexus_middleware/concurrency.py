@@ -15,7 +15,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from nexus_middleware._resilience import REDUCED_CAPACITY, KeySpec, PolicyRouter, retry_after_header
+from nexus_middleware._resilience import (
+    REDUCED_CAPACITY,
+    KeySpec,
+    PolicyRouter,
+    remember_state,
+    retry_after_header,
+)
 from nexus_middleware.clock import SYSTEM_CLOCK, Clock
 from nexus_middleware.context import RequestContext, get_context
 from nexus_middleware.errors import ConfigurationError, InvalidPathError
@@ -249,6 +255,10 @@ class _Slot:
         self.bulkhead.release(latency)
 
 
+def _idle(bulkhead: _Bulkhead) -> bool:
+    return not (bulkhead.in_flight or bulkhead.queued)
+
+
 class ConcurrencyLimitMiddleware:
     """Caps in-flight requests per key, queueing briefly and shedding the lowest priority classes first."""
 
@@ -359,13 +369,7 @@ class ConcurrencyLimitMiddleware:
         if bulkhead is not None:
             bulkheads.move_to_end(key)
             return bulkhead
-        bulkhead = bulkheads[key] = _Bulkhead(key, policy)
-        if len(bulkheads) > self._max_keys:
-            # Only idle bulkheads are forgotten; busy ones are bounded by the requests they hold.
-            idle = next((k for k, b in bulkheads.items() if not (b.in_flight or b.queued or k == key)), None)
-            if idle is not None:
-                del bulkheads[idle]
-        return bulkhead
+        return remember_state(bulkheads, key, _Bulkhead(key, policy), self._max_keys, _idle, evict_busy=False)
 
     def __repr__(self) -> str:
         return f"ConcurrencyLimitMiddleware(keys={len(self._bulkheads)})"

@@ -396,6 +396,11 @@ async def test_eviction_prefers_idle_closed_breakers(manual_clock: ManualClock) 
     await run_asgi(app, make_scope("/", headers=[("x-key", "closed-one")]))
     await run_asgi(app, make_scope("/", headers=[("x-key", "new")]))
     assert set(app.states()) == {"open-one", "new"}
+    upstream.status = 500
+    await run_asgi(app, make_scope("/", headers=[("x-key", "new")]))
+    # Both breakers are open now: with no idle one left, the least recently used goes.
+    await run_asgi(app, make_scope("/", headers=[("x-key", "third")]))
+    assert list(app.states()) == ["new", "third"]
 
 
 async def test_upstream_key_reads_the_service_from_the_context(manual_clock: ManualClock) -> None:

@@ -411,6 +411,22 @@ async def test_idle_bulkheads_are_forgotten_beyond_max_keys() -> None:
     assert list(app.states()) == ["/b", "/c"]
 
 
+async def test_busy_bulkheads_are_kept_beyond_max_keys() -> None:
+    inner = Held()
+
+    async def by_path(scope: Scope) -> str:
+        return str(scope["path"])
+
+    app = ConcurrencyLimitMiddleware(inner, key=by_path, max_keys=1)
+    busy = asyncio.create_task(run_asgi(app, request(path="/busy")))
+    await settle()
+    also_busy = asyncio.create_task(run_asgi(app, request(path="/also-busy")))
+    await settle()
+    assert list(app.states()) == ["/busy", "/also-busy"]  # neither holds a slot it could lose
+    inner.gate.set()
+    await asyncio.gather(busy, also_busy)
+
+
 async def test_websocket_handshakes_count_while_pending_and_lifespan_passes() -> None:
     inner = Held()
 
