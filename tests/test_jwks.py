@@ -12,7 +12,7 @@ from joserfc.jwk import ECKey
 from nexus_middleware import JWKSCache, JWKSPolicy, JWTAuthMiddleware, JWTIssuer
 from nexus_middleware.clock import ManualClock
 from nexus_middleware.errors import ConfigurationError, VerifierUnavailableError
-from tests.support.asgi import make_scope, ok_app, run_asgi
+from tests.support.asgi import Recorded, make_scope, ok_app, run_asgi
 from tests.support.idp import AUDIENCE, ISSUER, JWKSApp, mint
 from tests.support.servers import closing_server, free_port, serve
 
@@ -46,9 +46,13 @@ def protected(url: str, clock: ManualClock, client: httpx.AsyncClient, **policy:
     )
 
 
-async def status(app: JWTAuthMiddleware, token: str | None, path: str = "/orders") -> int:
+async def call(app: JWTAuthMiddleware, token: str | None, path: str = "/orders") -> Recorded:
     headers = [] if token is None else [("authorization", f"Bearer {token}")]
-    return (await run_asgi(app, make_scope(path, headers=headers))).status
+    return await run_asgi(app, make_scope(path, headers=headers))
+
+
+async def status(app: JWTAuthMiddleware, token: str | None, path: str = "/orders") -> int:
+    return (await call(app, token, path)).status
 
 
 async def test_unknown_kid_under_100_concurrent_requests_fetches_once(
@@ -101,10 +105,7 @@ async def test_jwks_down_after_warm_up_keeps_last_good_keys(
     clock.advance(2800)
     assert await status(app, mint(key, now=NOW + 3500, jti="b")) == 200
     clock.advance(800)  # 600 + 3600 exceeded: staleness is bounded, fail closed
-    response = await run_asgi(
-        app,
-        make_scope("/orders", headers=[("authorization", f"Bearer {mint(key, now=NOW + 4300, jti='c')}")]),
-    )
+    response = await call(app, mint(key, now=NOW + 4300, jti="c"))
     assert response.status == 503
     assert response.header("content-type") == "application/problem+json"
     assert await status(app, None, "/health") == 200  # the app stays up
@@ -117,9 +118,7 @@ async def test_jwks_down_at_cold_start_fails_closed_then_recovers(
     port = free_port()
     url = f"http://127.0.0.1:{port}/jwks.json"
     app = protected(url, clock, http_client, error_retry_interval=5)
-    response = await run_asgi(
-        app, make_scope("/orders", headers=[("authorization", f"Bearer {mint(key, now=NOW)}")])
-    )
+    response = await call(app, mint(key, now=NOW))
     assert response.status == 503
     assert response.json()["detail"] == "Authentication is temporarily unavailable"
     assert response.header("retry-after") == "5"
