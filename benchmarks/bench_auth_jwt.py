@@ -47,6 +47,11 @@ def token_for(key: Key, alg: str) -> str:
     return mint(key, alg=alg, now=time.time(), ttl=3600, jti="bench", scope="orders:read orders:write")
 
 
+def bench_token(benchmark: Any, driver: Driver, label: str, app: ASGIApp, key: Key, alg: str) -> None:
+    """Every request presents the same valid token."""
+    bench(benchmark, driver, label, app, group=GROUP, scope_factory=scope_with(token_for(key, alg)))
+
+
 def test_bare(benchmark: Any, driver: Driver) -> None:
     bench(benchmark, driver, BASELINE, bare_app, group=GROUP)
 
@@ -58,27 +63,12 @@ def test_noop(benchmark: Any, driver: Driver) -> None:
 @pytest.mark.parametrize("alg", ["ES256", "RS256"])
 def test_cached_token(alg: str, benchmark: Any, driver: Driver, rsa_key: RSAKey, ec_key: ECKey) -> None:
     key = rsa_key if alg == "RS256" else ec_key
-    app = protected(key, alg)
-    bench(
-        benchmark,
-        driver,
-        f"JWT {alg} cached token",
-        app,
-        group=GROUP,
-        scope_factory=scope_with(token_for(key, alg)),
-    )
+    bench_token(benchmark, driver, f"JWT {alg} cached token", protected(key, alg), key, alg)
 
 
 def test_cached_token_with_revocation_check(benchmark: Any, driver: Driver, ec_key: ECKey) -> None:
     app = protected(ec_key, "ES256", revocation=RevocationList(MemoryStore()))
-    bench(
-        benchmark,
-        driver,
-        "JWT ES256 cached token + jti deny-list",
-        app,
-        group=GROUP,
-        scope_factory=scope_with(token_for(ec_key, "ES256")),
-    )
+    bench_token(benchmark, driver, "JWT ES256 cached token + jti deny-list", app, ec_key, "ES256")
 
 
 @pytest.mark.parametrize("alg", ["ES256", "RS256"])
@@ -87,11 +77,4 @@ def test_verify_every_request(
 ) -> None:
     key = rsa_key if alg == "RS256" else ec_key
     app = protected(key, alg, policy=JWTPolicy(cache_size=0))
-    bench(
-        benchmark,
-        driver,
-        f"JWT {alg} verify every request",
-        app,
-        group=GROUP,
-        scope_factory=scope_with(token_for(key, alg)),
-    )
+    bench_token(benchmark, driver, f"JWT {alg} verify every request", app, key, alg)
