@@ -1,8 +1,8 @@
 """What every bearer-token authenticator shares: where the token is read, per-route modes, RFC 6750 refusals,
 claim mapping to the `Principal`, and a bounded cache of verified tokens.
 
-`JWTAuthMiddleware` and `IntrospectionMiddleware` differ only in how a token becomes a `Principal`; both run
-the same `BearerGate`, so a route is required/optional/exempt, a token is found, and a refusal looks the same
+`JWTAuthMiddleware` and `IntrospectionMiddleware` differ only in how a token becomes a `Principal`; both
+subclass `BearerGate`, so a route is required/optional/exempt, a token is found, and a refusal looks the same
 whichever of them is in front.
 """
 
