@@ -17,7 +17,7 @@ from typing import Any
 
 from nexus_middleware.client import ClientAddressResolver
 from nexus_middleware.clock import SYSTEM_CLOCK, Clock, utc_timestamp
-from nexus_middleware.context import get_context, route_template
+from nexus_middleware.context import get_context, request_method, route_template
 from nexus_middleware.errors import ConfigurationError
 from nexus_middleware.exchange import ExchangeMeter
 from nexus_middleware.redaction import Redactor
@@ -90,7 +90,7 @@ def _record(
         "request_id": context.request_id,
         "trace_id": context.trace_id,
         "client": client,
-        "method": scope.get("method", "WEBSOCKET") if scope["type"] == "http" else "WEBSOCKET",
+        "method": request_method(scope),
         "route": route_template(scope),
         "path": redactor.redact(scope.get("path", "")),
         "query": redactor.redact(query.decode("latin-1")) if query else None,

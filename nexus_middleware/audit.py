@@ -22,7 +22,7 @@ import httpx
 
 from nexus_middleware.client import ClientAddressResolver
 from nexus_middleware.clock import SYSTEM_CLOCK, Clock, utc_timestamp
-from nexus_middleware.context import RequestContext, peek_context, route_template
+from nexus_middleware.context import RequestContext, peek_context, request_method, route_template
 from nexus_middleware.errors import ConfigurationError
 from nexus_middleware.exchange import ExchangeMeter
 from nexus_middleware.redaction import Redactor
@@ -338,7 +338,7 @@ class AuditLogMiddleware:
             "request_id": context.request_id,
             "trace_id": context.trace_id,
             "client": self._resolver.resolve(scope),
-            "method": scope.get("method", "WEBSOCKET") if scope["type"] == "http" else "WEBSOCKET",
+            "method": request_method(scope),
             "route": route_template(scope),
             "path": scope.get("path", ""),
             "query": scope.get("query_string", b"").decode("latin-1") or None,

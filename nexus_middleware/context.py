@@ -28,6 +28,7 @@ __all__ = [
     "get_context",
     "peek_context",
     "publish_principal",
+    "request_method",
     "route_template",
 ]
 
@@ -182,6 +183,11 @@ def current_context() -> RequestContext | None:
 def current_request_id() -> str | None:
     context = _current.get()
     return None if context is None else context.request_id
+
+
+def request_method(scope: Scope) -> str:
+    """The method logs, audit records and spans report: the http method, `WEBSOCKET` for a websocket."""
+    return scope.get("method", "WEBSOCKET") if scope["type"] == "http" else "WEBSOCKET"
 
 
 def route_template(scope: Scope) -> str | None:

@@ -26,7 +26,7 @@ import hmac
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from nexus_middleware.context import get_context, route_template
+from nexus_middleware.context import get_context, request_method, route_template
 from nexus_middleware.errors import ConfigurationError
 from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -187,7 +187,7 @@ class TracingMiddleware:
                 self._annotate(span, scope)
 
     def _annotate(self, span: Span, scope: Scope) -> None:
-        method = scope.get("method", "WEBSOCKET") if scope["type"] == "http" else "WEBSOCKET"
+        method = request_method(scope)
         template = route_template(scope)
         if template is not None:
             span.update_name(f"{method} {template}")
