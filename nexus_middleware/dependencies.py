@@ -49,16 +49,18 @@ def requires(*scopes: str) -> Callable[[HTTPConnection], Principal]:
             raise ConfigurationError(f"invalid scope {scope!r}")
     wanted = frozenset(scopes)
     listed = " ".join(sorted(wanted))
-    unauthenticated = AuthorizationProblem(
-        Problem(401, "Authentication is required"), MappingProxyType({"WWW-Authenticate": "Bearer"})
-    )
+    unauthenticated = Problem(401, "Authentication is required")
+    bearer_challenge = MappingProxyType({"WWW-Authenticate": "Bearer"})
     forbidden_problem = Problem(
         403,
         "The token does not grant the scope this operation requires",
         extensions=MappingProxyType({"error": "insufficient_scope", "required_scopes": sorted(wanted)}),
     )
-    challenge = (
-        f'Bearer error="insufficient_scope", error_description="{forbidden_problem.detail}", scope="{listed}"'
+    scope_challenge = MappingProxyType(
+        {
+            "WWW-Authenticate": f'Bearer error="insufficient_scope", '
+            f'error_description="{forbidden_problem.detail}", scope="{listed}"'
+        }
     )
 
     def dependency(connection: HTTPConnection) -> Principal:
@@ -66,10 +68,10 @@ def requires(*scopes: str) -> Callable[[HTTPConnection], Principal]:
         principal = context.principal
         if principal is None or not principal.is_authenticated:
             context.record(_LAYER, "deny", reason="missing_credentials", method="anonymous")
-            raise AuthorizationProblem(unauthenticated.problem, unauthenticated.headers or {})
+            raise AuthorizationProblem(unauthenticated, bearer_challenge)
         if not wanted <= principal.scopes:
             context.record(_LAYER, "deny", reason="insufficient_scope", method=principal.method)
-            raise AuthorizationProblem(forbidden_problem, {"WWW-Authenticate": challenge})
+            raise AuthorizationProblem(forbidden_problem, scope_challenge)
         return principal
 
     dependency.__name__ = f"requires({listed})"
