@@ -17,22 +17,12 @@ from nexus_middleware.client import ClientAddressResolver
 from nexus_middleware.types import Receive, Scope, Send
 from sample_gateway.contracts import RetryPolicy, Target, UpstreamPolicy
 from sample_gateway.proxy import ReverseProxy
-from sample_gateway.upstream_client import ClientKind, UpstreamClient, create_upstream_client
+from sample_gateway.upstream_client import UpstreamClient
 from tests.gateway.support import FirstSelector, ListSelector, RecordingObserver, proxy_app
 from tests.support.servers import closing_server, free_port, serve
 from tests.support.upstream import UpstreamApp
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(params=["aiohttp", "httpx"])
-async def upstream_client(request: pytest.FixtureRequest) -> AsyncIterator[UpstreamClient]:
-    kind: ClientKind = request.param
-    client = create_upstream_client(kind)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @dataclass
