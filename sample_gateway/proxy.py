@@ -82,6 +82,7 @@ DISCONNECT_WATCH_DELAY = 0.025
 
 # The gateway sets these itself; what the client sent is believed only from a trusted proxy.
 _FORWARDED_NAMES = (b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port")
+_KEPT_FROM_TRUSTED = frozenset({*_FORWARDED_NAMES, b"forwarded"})
 # A path the router produced: absolute, printable, no query, fragment or backslash, no authority-like `//`.
 _SAFE_PATH = re.compile(rb"/(?!/)[\x21-\x7e]*")
 _UNSAFE_PATH_BYTES = re.compile(rb"[?#\\]")
@@ -185,6 +186,7 @@ class ReverseProxy:
         self._random = random
         self._sleep = sleep
         self._gateway_names = HOP_BY_HOP_HEADERS | {
+            b"expect",  # the server in front already answered 100-continue; the body is coming anyway
             b"host",
             b"via",
             b"x-forwarded-for",
@@ -326,7 +328,7 @@ class ReverseProxy:
                     prior_for.append(value)
             elif name == b"via":
                 prior_via.append(value)
-            elif trusted:  # x-forwarded-proto/host/port, forwarded
+            elif trusted and name in _KEPT_FROM_TRUSTED:
                 forwarded.setdefault(name, value)
         client = scope.get("client")
         if client:

@@ -117,6 +117,7 @@ async def test_request_hop_by_hop_headers_are_stripped_and_gateway_headers_set(
             "trailer": "x-checksum",
             "proxy-authorization": "Basic Zm9vOmJhcg==",
             "proxy-connection": "keep-alive",
+            "expect": "100-continue",
             "x-forwarded-for": "6.6.6.6",
             "x-forwarded-proto": "https",
             "x-forwarded-host": "evil.example",
@@ -129,7 +130,15 @@ async def test_request_hop_by_hop_headers_are_stripped_and_gateway_headers_set(
     received = {}
     for name, value in echo["headers"]:
         received.setdefault(name, []).append(value)
-    for name in ("x-secret", "keep-alive", "te", "trailer", "proxy-authorization", "proxy-connection"):
+    for name in (
+        "x-secret",
+        "keep-alive",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "proxy-connection",
+        "expect",
+    ):
         assert name not in received, name
     assert received.get("connection", ["keep-alive"]) == ["keep-alive"]  # the client library's own, if any
     assert received["x-kept"] == ["yes"]
