@@ -652,3 +652,29 @@ async def test_closing_upstream_before_response_is_502_for_post(upstream_client:
         response = await client.post(f"{gw.url}/x", content=b"data")
     assert response.status_code == 502
     assert len(gw.observer.finished) == 1
+
+
+async def test_no_retry_when_the_backoff_would_pass_the_deadline(upstream_client: UpstreamClient) -> None:
+    retry = RetryPolicy(
+        attempts=3, on_statuses=frozenset({503}), backoff_base=10, backoff_max=10, budget_ratio=1
+    )
+    policy = UpstreamPolicy(service="svc", retry=retry, total_timeout=5)
+    async with upstreams("a", "b") as [(a, url_a), (b, url_b)]:
+        targets = [target("a", url_a), target("b", url_b)]
+        async with gateway(
+            upstream_client, targets, policy=policy, selector=FirstSelector(targets), random=lambda: 0.9
+        ) as gw:
+            response = await gw.client.get(f"{gw.url}/status/503")
+    assert response.status_code == 503
+    assert (len(a.received), len(b.received)) == (1, 0)  # a 9 s backoff cannot end within 5 s
+
+
+@pytest.mark.parametrize("method", ["HEAD", "OPTIONS", "DELETE"])
+async def test_other_methods_are_forwarded(upstream_client: UpstreamClient, method: str) -> None:
+    async with upstreams("a") as [(app, url)], gateway(upstream_client, [target("a", url)]) as gw:
+        response = await gw.client.request(method, f"{gw.url}/thing")
+    assert response.status_code == 200
+    assert app.received == [(method, "/thing")]
+    if method == "HEAD":
+        assert response.content == b""
+        assert int(response.headers["content-length"]) > 0
