@@ -1,3 +1,5 @@
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -139,3 +141,20 @@ def test_peer_address_is_canonical_on_every_path(peer: str, kwargs: dict[str, ob
 def test_any_dotted_quad_resolves_like_the_parser(octets: list[int], padded: bool) -> None:
     peer = ".".join(f"{octet:03d}" if padded else str(octet) for octet in octets)
     assert ClientAddressResolver().resolve(make_scope(client=(peer, 1))) == normalize_ip(peer)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "peer", "expected"),
+    [
+        ({}, "10.0.0.1", False),
+        ({"trusted_proxies": TRUSTED}, "10.0.0.1", True),
+        ({"trusted_proxies": TRUSTED}, "203.0.113.7", False),
+        ({"trusted_proxies": ["*"]}, "203.0.113.7", True),
+        ({"trusted_hops": 0}, "10.0.0.1", False),
+        ({"trusted_hops": 1}, "203.0.113.7", True),
+        ({"trusted_proxies": TRUSTED}, None, False),
+    ],
+)
+def test_trusts_peer(kwargs: dict[str, Any], peer: str | None, expected: bool) -> None:
+    scope = make_scope(client=(peer, 1234) if peer else None)
+    assert ClientAddressResolver(**kwargs).trusts_peer(scope) is expected
