@@ -136,6 +136,18 @@ class ClientAddressResolver:
     def is_trusted(self, address: IPAddress) -> bool:
         return address in self._trusted
 
+    def trusts_peer(self, scope: Scope) -> bool:
+        """True when the TCP peer is a trusted proxy, so the forwarding headers it sent are believed."""
+        if self._hops is None and not self._trusted:
+            return False  # nothing is trusted: no need to parse the peer (this runs once per request)
+        client = scope.get("client")
+        peer = _parse_ip(client[0]) if client else None
+        if peer is None:
+            return False
+        if self._hops is not None:
+            return self._hops > 0
+        return peer in self._trusted
+
     def resolve(self, scope: Scope) -> str | None:
         """The client address as canonical text, or None when the server reports no peer (unix sockets)."""
         client = scope.get("client")

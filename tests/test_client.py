@@ -1,4 +1,5 @@
 import ipaddress
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -164,3 +165,20 @@ def test_address_set_names_the_option_and_can_refuse_the_wildcard() -> None:
         AddressSet(["*"], option="exempt_networks", wildcard=False)
     with pytest.raises(ConfigurationError, match="allow: 'nope'"):
         AddressSet(["nope"], option="allow")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "peer", "expected"),
+    [
+        ({}, "10.0.0.1", False),
+        ({"trusted_proxies": TRUSTED}, "10.0.0.1", True),
+        ({"trusted_proxies": TRUSTED}, "203.0.113.7", False),
+        ({"trusted_proxies": ["*"]}, "203.0.113.7", True),
+        ({"trusted_hops": 0}, "10.0.0.1", False),
+        ({"trusted_hops": 1}, "203.0.113.7", True),
+        ({"trusted_proxies": TRUSTED}, None, False),
+    ],
+)
+def test_trusts_peer(kwargs: dict[str, Any], peer: str | None, expected: bool) -> None:
+    scope = make_scope(client=(peer, 1234) if peer else None)
+    assert ClientAddressResolver(**kwargs).trusts_peer(scope) is expected
