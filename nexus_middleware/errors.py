@@ -6,6 +6,7 @@ __all__ = [
     "NexusError",
     "StorageError",
     "StorageUnavailableError",
+    "UnknownAPIKeyError",
 ]
 
 
@@ -27,3 +28,7 @@ class StorageError(NexusError):
 
 class StorageUnavailableError(StorageError):
     """A storage backend cannot be reached (connection refused, timeout, breaker open)."""
+
+
+class UnknownAPIKeyError(NexusError, LookupError):
+    """The API key management API was asked about a key id the store does not hold."""
