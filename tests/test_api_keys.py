@@ -1,3 +1,4 @@
+import asyncio
 from typing import Any
 
 import httpx
@@ -560,3 +561,37 @@ async def test_end_to_end_through_uvicorn() -> None:
         assert [h for h in first.headers.items() if h[0] not in strip] == [
             h for h in unknown.headers.items() if h[0] not in strip
         ]
+
+
+async def websocket_handshake(base_url: str, path: str, headers: dict[str, str]) -> bytes:
+    """The response head uvicorn answers a raw websocket upgrade with."""
+    host, port = base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    try:
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_websocket_end_to_end_through_uvicorn() -> None:
+    store = MemoryAPIKeyStore()
+    issued = await APIKeyManager(store).create(owner="alice")
+    async with serve(fastapi_app(store)) as url:
+        accepted = await websocket_handshake(url, "/ws", {"X-API-Key": issued.key})
+        refused = await websocket_handshake(url, "/ws", {"X-API-Key": flip(issued.key, len(issued.key) - 1)})
+        missing = await websocket_handshake(url, "/ws", {})
+    assert accepted.startswith(b"HTTP/1.1 101")
+    assert refused.startswith(b"HTTP/1.1 401")
+    assert missing.startswith(b"HTTP/1.1 401")
+    assert b"application/problem+json" in refused
