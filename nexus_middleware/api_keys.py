@@ -14,7 +14,7 @@ import logging
 import re
 import secrets
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -59,6 +59,7 @@ _PREFIX = re.compile(r"[A-Za-z0-9]{1,16}")
 _KEY_ID = re.compile(r"[A-Za-z0-9]{4,64}")
 _SECRET = "[A-Za-z0-9_-]{16,256}"
 _HASH = re.compile(r"(sha256|hmac-sha256):[0-9a-f]{64}")
+_UPDATE_ATTEMPTS = 5
 _MAX_KEY_BYTES = 400  # longest well-formed key, checked before the regex runs
 # Checked when the key id is unknown, so unknown ids cost the same hash and comparison as wrong secrets.
 _DUMMY_HASH = "sha256:" + "0" * 64
@@ -249,6 +250,14 @@ class APIKeyStore(Protocol):
         """Create or replace the record for `record.key_id`."""
         ...
 
+    async def swap(self, current: APIKeyRecord | None, new: APIKeyRecord) -> bool:
+        """Atomically store `new` if the stored record still equals `current` (None: absent); else False.
+
+        The manager's read-modify-write goes through this, so a rotation racing a revocation on another
+        instance can never write the key back as not revoked.
+        """
+        ...
+
     async def records(self) -> list[APIKeyRecord]:
         """Every record, in no particular order."""
         ...
@@ -281,6 +290,12 @@ class MemoryAPIKeyStore:
 
     async def put(self, record: APIKeyRecord) -> None:
         self._records[record.key_id] = record
+
+    async def swap(self, current: APIKeyRecord | None, new: APIKeyRecord) -> bool:
+        if self._records.get(new.key_id) != current:
+            return False
+        self._records[new.key_id] = new
+        return True
 
     async def records(self) -> list[APIKeyRecord]:
         return list(self._records.values())
@@ -323,6 +338,25 @@ class RedisAPIKeyStore:
             pipe.set(self._key(record.key_id), document)
             pipe.sadd(self._index, record.key_id)
             await pipe.execute()
+
+    async def swap(self, current: APIKeyRecord | None, new: APIKeyRecord) -> bool:
+        from redis.exceptions import WatchError
+
+        key = self._key(new.key_id)
+        document = json.dumps(new.to_dict(), separators=(",", ":"))
+        async with _RedisErrors("swap"), self._client.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(key)
+                raw = await pipe.get(key)
+                if (None if raw is None else _decode(raw)) != current:
+                    return False  # leaving the pipeline block resets it, which unwatches
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.set(key, document)
+                pipe.sadd(self._index, new.key_id)
+                await pipe.execute()
+            except WatchError:
+                return False  # written by someone else between WATCH and EXEC
+        return True
 
     async def records(self) -> list[APIKeyRecord]:
         async with _RedisErrors("list"):
@@ -400,13 +434,10 @@ class APIKeyManager:
             raise ValueError("owner must not be empty")
         if expires_in is not None and expires_in <= 0:
             raise ValueError("expires_in must be positive")
-        key_id = secrets.token_hex(8)
-        while await self._store.get(key_id) is not None:  # pragma: no cover - 64 random bits rarely collide
-            key_id = secrets.token_hex(8)
         now = self._clock.time()
         secret = secrets.token_urlsafe(32)
         record = APIKeyRecord(
-            key_id=key_id,
+            key_id=secrets.token_hex(8),
             secret_hash=hash_api_key_secret(secret, pepper=self._policy.pepper),
             owner=owner,
             org=org,
@@ -418,8 +449,9 @@ class APIKeyManager:
             created_at=now,
             expires_at=None if expires_in is None else now + expires_in,
         )
-        await self._store.put(record)
-        return IssuedAPIKey(self._format(key_id, secret), record)
+        while not await self._store.swap(None, record):  # an id that exists already: draw another
+            record = replace(record, key_id=secrets.token_hex(8))
+        return IssuedAPIKey(self._format(record.key_id, secret), record)
 
     async def get(self, key_id: str) -> APIKeyRecord:
         record = await self._store.get(key_id)
@@ -429,28 +461,39 @@ class APIKeyManager:
 
     async def revoke(self, key_id: str) -> APIKeyRecord:
         """Revoke the key (and any previous secret still in its overlap window)."""
-        record = replace(
-            await self.get(key_id), revoked=True, previous_secret_hash=None, previous_valid_until=None
+        return await self._update(
+            key_id,
+            lambda current: replace(
+                current, revoked=True, previous_secret_hash=None, previous_valid_until=None
+            ),
         )
-        await self._store.put(record)
-        return record
 
     async def rotate(self, key_id: str, *, overlap: float = 0.0) -> IssuedAPIKey:
         """A new secret for the same key id; the old secret keeps working for `overlap` seconds."""
         if overlap < 0:
             raise ValueError("overlap must be zero or positive")
-        current = await self.get(key_id)
-        if current.revoked:
-            raise UnknownAPIKeyError(f"API key {key_id!r} is revoked and cannot be rotated")
         secret = secrets.token_urlsafe(32)
-        record = replace(
-            current,
-            secret_hash=hash_api_key_secret(secret, pepper=self._policy.pepper),
-            previous_secret_hash=current.secret_hash if overlap > 0 else None,
-            previous_valid_until=self._clock.time() + overlap if overlap > 0 else None,
-        )
-        await self._store.put(record)
-        return IssuedAPIKey(self._format(key_id, secret), record)
+        secret_hash = hash_api_key_secret(secret, pepper=self._policy.pepper)
+
+        def rotated(current: APIKeyRecord) -> APIKeyRecord:
+            if current.revoked:
+                raise UnknownAPIKeyError(f"API key {key_id!r} is revoked and cannot be rotated")
+            return replace(
+                current,
+                secret_hash=secret_hash,
+                previous_secret_hash=current.secret_hash if overlap > 0 else None,
+                previous_valid_until=self._clock.time() + overlap if overlap > 0 else None,
+            )
+
+        return IssuedAPIKey(self._format(key_id, secret), await self._update(key_id, rotated))
+
+    async def _update(self, key_id: str, change: Callable[[APIKeyRecord], APIKeyRecord]) -> APIKeyRecord:
+        for _ in range(_UPDATE_ATTEMPTS):
+            current = await self.get(key_id)
+            record = change(current)
+            if await self._store.swap(current, record):
+                return record
+        raise StorageError(f"API key {key_id!r} kept changing under concurrent updates; retry")
 
     async def list(
         self, *, owner: str | None = None, org: str | None = None, include_revoked: bool = True
@@ -499,7 +542,7 @@ class APIKeyMiddleware:
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if not isinstance(store, APIKeyStore):
-            raise ConfigurationError("store must implement APIKeyStore (get, put, records, aclose)")
+            raise ConfigurationError("store must implement APIKeyStore (get, put, swap, records, aclose)")
         entries: list[tuple[str, Iterable[str] | None, RouteMode]] = list(routes)
         for _, _, mode in entries:
             if mode not in _MODES:

@@ -1,4 +1,5 @@
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -595,3 +596,54 @@ async def test_websocket_end_to_end_through_uvicorn() -> None:
     assert refused.startswith(b"HTTP/1.1 401")
     assert missing.startswith(b"HTTP/1.1 401")
     assert b"application/problem+json" in refused
+
+
+class RacingStore(MemoryAPIKeyStore):
+    """Another admin revokes the key between the manager's read and its write."""
+
+    raced = False
+
+    async def swap(self, current: APIKeyRecord | None, new: APIKeyRecord) -> bool:
+        if not self.raced and current is not None:
+            self.raced = True
+            await APIKeyManager(self).revoke(new.key_id)
+        return await super().swap(current, new)
+
+
+async def test_a_rotation_racing_a_revocation_never_unrevokes(manual_clock: ManualClock) -> None:
+    store = RacingStore()
+    manager = APIKeyManager(store, clock=manual_clock)
+    issued = await manager.create(owner="alice")
+    with pytest.raises(UnknownAPIKeyError, match="revoked"):
+        await manager.rotate(issued.key_id, overlap=60)
+    assert (await manager.get(issued.key_id)).revoked
+
+
+async def test_updates_give_up_when_the_record_keeps_changing(manual_clock: ManualClock) -> None:
+    class Contended(MemoryAPIKeyStore):
+        async def swap(self, current: APIKeyRecord | None, new: APIKeyRecord) -> bool:
+            return current is None and await super().swap(current, new)
+
+    manager = APIKeyManager(Contended(), clock=manual_clock)
+    issued = await manager.create(owner="alice")
+    with pytest.raises(StorageError, match="concurrent"):
+        await manager.revoke(issued.key_id)
+
+
+async def test_memory_swap_is_compare_and_set() -> None:
+    await compare_and_set(MemoryAPIKeyStore())
+
+
+async def test_redis_swap_is_compare_and_set(redis_client: Any, redis_prefix: str) -> None:
+    await compare_and_set(RedisAPIKeyStore(redis_client, prefix=redis_prefix))
+
+
+async def compare_and_set(store: APIKeyStore) -> None:
+    first = APIKeyRecord("abcd", hash_api_key_secret("x" * 20), "alice")
+    revoked = replace(first, revoked=True)
+    assert await store.swap(None, first)
+    assert not await store.swap(None, first)  # exists already
+    assert not await store.swap(revoked, first)  # stale expectation
+    assert await store.swap(first, revoked)
+    assert await store.get("abcd") == revoked
+    assert [record.key_id for record in await store.records()] == ["abcd"]
