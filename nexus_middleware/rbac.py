@@ -9,7 +9,7 @@ method-override headers never change them.
 """
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import unquote
@@ -50,8 +50,8 @@ class RoleDef:
     `"GET,POST /orders/*"`. A route-bound permission allows matching requests that no rule covers.
     """
 
-    inherits: tuple[str, ...] = ()
-    permissions: tuple[str, ...] = ()
+    inherits: Sequence[str] = ()
+    permissions: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inherits", _strings(self.inherits, "inherits"))
@@ -69,10 +69,10 @@ class RBACRule:
 
     id: str
     path: str
-    methods: tuple[str, ...] | None = None
-    roles: tuple[str, ...] = ()
-    permissions: tuple[str, ...] = ()
-    scopes: tuple[str, ...] = ()
+    methods: Sequence[str] | None = None
+    roles: Sequence[str] = ()
+    permissions: Sequence[str] = ()
+    scopes: Sequence[str] = ()
     tenant_param: str | None = None
     tenant_header: str | None = None
     public: bool = False
@@ -114,11 +114,15 @@ class _Grants:
     roles: frozenset[str]
     permissions: frozenset[str]
     prefixes: tuple[str, ...]  # from "orders:*"
-    everything: bool  # "*"
+    everything: str | None  # the role granting "*", if any
     routes: tuple[_RoutePermission, ...]
 
     def has(self, permission: str) -> bool:
-        return self.everything or permission in self.permissions or permission.startswith(self.prefixes)
+        return (
+            self.everything is not None
+            or permission in self.permissions
+            or permission.startswith(self.prefixes)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +235,7 @@ class RBACMiddleware:
             roles=frozenset(roles),
             permissions=named,
             prefixes=tuple(p[:-1] for p in named if p.endswith(":*")),
-            everything="*" in named,
+            everything=min((name for name in roles if "*" in self._role_named.get(name, ())), default=None),
             routes=tuple(route for name in sorted(roles) for route in self._role_routes.get(name, ())),
         )
         if len(self._grants_cache) >= _GRANTS_CACHE_SIZE:
@@ -275,7 +279,10 @@ class RBACMiddleware:
         authenticated = principal is not None and principal.is_authenticated
         if found is None:
             if authenticated and principal is not None:
-                for route in self._grants(principal.roles).routes:
+                grants = self._grants(principal.roles)
+                if grants.everything is not None:
+                    return "allow", f"role:{grants.everything}", None
+                for route in grants.routes:
                     if route.allows(path, method):
                         return "allow", f"role:{route.role}", None
             if self._default == "allow":

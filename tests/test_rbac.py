@@ -86,6 +86,7 @@ async def call(
         (("reporter",), "POST", "/reports/q3", 403, None),
         (("reporter",), "DELETE", "/exports/q3", 200, "role:reporter"),
         (("viewer",), "GET", "/reports/q3", 403, None),  # unmatched: default deny
+        (("admin",), "PATCH", "/anything/else", 200, "role:admin"),  # "*" covers unmatched routes too
         (("viewer", "unknown-role"), "GET", "/me", 200, "me"),
         ((), "GET", "/me", 200, "me"),  # a rule without requirements needs only authentication
     ],
