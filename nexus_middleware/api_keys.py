@@ -73,6 +73,8 @@ class APIKeyPolicy:
     nothing checkable). Records hashed with plain SHA-256 keep verifying, so a pepper can be introduced later.
     `cache_ttl`: verified store lookups are reused for this many seconds, which bounds how long a revocation
     or rotation takes to reach this process (0 disables the cache).
+    `stale_if_error`: while the store fails, a key verified less than `cache_ttl + stale_if_error` seconds ago
+    keeps working (the revocation bound grows by as much during an outage); 0: fail closed at once (503).
     """
 
     header_name: str = "X-API-Key"
@@ -81,6 +83,7 @@ class APIKeyPolicy:
     default: RouteMode = "required"
     cache_ttl: float = 5.0
     cache_size: int = 10_000
+    stale_if_error: float = 0.0
     pepper: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +99,10 @@ class APIKeyPolicy:
             raise ConfigurationError("cache_ttl must be zero or positive")
         if self.cache_size <= 0:
             raise ConfigurationError("cache_size must be positive")
+        if self.stale_if_error < 0 or (self.stale_if_error > 0 and self.cache_ttl == 0):
+            raise ConfigurationError(
+                "stale_if_error must be zero or positive, and needs a cache (cache_ttl > 0)"
+            )
         if self.pepper is not None and len(self.pepper) < 16:
             raise ConfigurationError("pepper must be at least 16 bytes")
 
@@ -636,8 +643,8 @@ class APIKeyMiddleware:
             return None, "malformed", {}
         key_id = found.group(1).decode("ascii")
         secret = found.group(2)
-        record, principal = await self._lookup(key_id)
         details: dict[str, Any] = {"key_id": key_id}
+        record, principal = await self._lookup(key_id, details)
         pepper = self._policy.pepper
         if record is None:
             _secret_matches(secret, _DUMMY_HASH, pepper)  # same work as a wrong secret
@@ -660,16 +667,25 @@ class APIKeyMiddleware:
             return None, "expired", details
         return principal, "", details
 
-    async def _lookup(self, key_id: str) -> tuple[APIKeyRecord | None, Principal | None]:
+    async def _lookup(
+        self, key_id: str, details: dict[str, Any]
+    ) -> tuple[APIKeyRecord | None, Principal | None]:
         ttl = self._policy.cache_ttl
-        if ttl > 0:
-            cached = self._cache.get(key_id)
-            if cached is not None and self._clock.monotonic() - cached[0] < ttl:
-                return cached[1], cached[2]
-        record = await self._store.get(key_id)
+        cached = self._cache.get(key_id) if ttl > 0 else None
+        now = self._clock.monotonic()
+        if cached is not None and now - cached[0] < ttl:
+            return cached[1], cached[2]
+        try:
+            record = await self._store.get(key_id)
+        except StorageError:
+            # Only keys known to exist are served stale, and only within the configured outage allowance.
+            if cached is None or cached[1] is None or now - cached[0] >= ttl + self._policy.stale_if_error:
+                raise
+            details["store"] = "stale"
+            return cached[1], cached[2]
         principal = None if record is None else _principal(record)
         if ttl > 0:
-            self._cache[key_id] = (self._clock.monotonic(), record, principal)
+            self._cache[key_id] = (now, record, principal)
             self._cache.move_to_end(key_id)
             while len(self._cache) > self._policy.cache_size:
                 self._cache.popitem(last=False)

@@ -20,7 +20,12 @@ from nexus_middleware.api_keys import (
 )
 from nexus_middleware.clock import ManualClock
 from nexus_middleware.context import Principal
-from nexus_middleware.errors import ConfigurationError, StorageError, UnknownAPIKeyError
+from nexus_middleware.errors import (
+    ConfigurationError,
+    StorageError,
+    StorageUnavailableError,
+    UnknownAPIKeyError,
+)
 from nexus_middleware.types import Receive, Scope, Send
 from tests.support.asgi import Recorded, make_scope, ok_app, run_asgi
 from tests.support.servers import free_port, serve
@@ -647,3 +652,41 @@ async def compare_and_set(store: APIKeyStore) -> None:
     assert await store.swap(first, revoked)
     assert await store.get("abcd") == revoked
     assert [record.key_id for record in await store.records()] == ["abcd"]
+
+
+class FlakyStore(MemoryAPIKeyStore):
+    down = False
+
+    async def get(self, key_id: str) -> APIKeyRecord | None:
+        if self.down:
+            raise StorageUnavailableError("store down")
+        return await super().get(key_id)
+
+
+@pytest.mark.parametrize(("stale_if_error", "still_ok_after"), [(0.0, 4.0), (60.0, 64.0)])
+async def test_store_outage_serves_known_keys_stale_within_the_allowance(
+    manual_clock: ManualClock, stale_if_error: float, still_ok_after: float
+) -> None:
+    store = FlakyStore()
+    manager = APIKeyManager(store, clock=manual_clock)
+    known = (await manager.create(owner="alice")).key
+    never_seen = (await manager.create(owner="bob")).key
+    policy = APIKeyPolicy(cache_ttl=5, stale_if_error=stale_if_error)
+    middleware = APIKeyMiddleware(ok_app, store=store, policy=policy, clock=manual_clock)
+    assert (await run_asgi(middleware, key_scope(known))).status == 200
+    store.down = True
+    manual_clock.advance(still_ok_after)
+    scope = key_scope(known)
+    assert (await run_asgi(middleware, scope)).status == 200
+    decision = get_context(scope).decision("auth")
+    assert decision is not None and decision.details.get("store") == ("stale" if stale_if_error else None)
+    assert (await run_asgi(middleware, key_scope(never_seen))).status == 503
+    manual_clock.advance(1)
+    assert (await run_asgi(middleware, key_scope(known))).status == 503
+    store.down = False
+    assert (await run_asgi(middleware, key_scope(known))).status == 200
+
+
+def test_stale_if_error_needs_a_cache() -> None:
+    with pytest.raises(ConfigurationError, match="stale_if_error"):
+        APIKeyPolicy(cache_ttl=0, stale_if_error=10)
