@@ -3,10 +3,12 @@
 __all__ = [
     "ConfigurationError",
     "InvalidPathError",
+    "InvalidTokenError",
     "NexusError",
     "StorageError",
     "StorageUnavailableError",
     "UnknownAPIKeyError",
+    "VerifierUnavailableError",
 ]
 
 
@@ -32,3 +34,18 @@ class StorageUnavailableError(StorageError):
 
 class UnknownAPIKeyError(NexusError, LookupError):
     """The API key management API was asked about a key id the store does not hold."""
+
+
+class InvalidTokenError(NexusError):
+    """A bearer token was rejected. `reason` is the audit reason (expired, revoked, unknown_key, ...);
+    `description` is safe to send to the client (RFC 6750 `error_description`)."""
+
+    def __init__(self, reason: str, description: str) -> None:
+        super().__init__(description)
+        self.reason = reason
+        self.description = description
+
+
+class VerifierUnavailableError(NexusError):
+    """What a token is checked against (a JWKS endpoint, an introspection endpoint, the revocation store)
+    cannot be reached and no usable cached answer is left: the request fails closed with 503."""

@@ -1,0 +1,393 @@
+"""What every bearer-token authenticator shares: where the token is read, per-route modes, RFC 6750 refusals,
+claim mapping to the `Principal`, and a bounded cache of verified tokens.
+
+`JWTAuthMiddleware` and `IntrospectionMiddleware` differ only in how a token becomes a `Principal`; both run
+the same `BearerGate`, so a route is required/optional/exempt, a token is found, and a refusal looks the same
+whichever of them is in front.
+"""
+
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal, get_args
+from urllib.parse import unquote_to_bytes
+
+import httpx
+
+from nexus_middleware.context import (
+    ANONYMOUS,
+    AuthMethod,
+    Decision,
+    Principal,
+    get_context,
+    publish_principal,
+)
+from nexus_middleware.errors import (
+    ConfigurationError,
+    InvalidPathError,
+    InvalidTokenError,
+    VerifierUnavailableError,
+)
+from nexus_middleware.headers import get_headers
+from nexus_middleware.paths import RouteTable, request_path
+from nexus_middleware.problem import Problem, send_problem
+from nexus_middleware.types import ASGIApp, Receive, Scope, Send
+
+__all__ = [
+    "AuthMode",
+    "BearerGate",
+    "ClaimMapping",
+    "TokenCache",
+    "TokenLocation",
+    "claim_at",
+    "new_http_client",
+    "read_limited",
+    "token_digest",
+]
+
+logger = logging.getLogger(__name__)
+
+AuthMode = Literal["required", "optional", "exempt"]
+_MODES = frozenset(get_args(AuthMode))
+_LAYER = "auth"
+_UNAVAILABLE_RETRY_AFTER = b"5"
+_ANONYMOUS_DETAILS: Mapping[str, Any] = MappingProxyType({"method": "anonymous"})
+
+
+def claim_at(claims: Mapping[str, Any], path: str) -> Any:
+    """The claim named `path`, else the value at its dotted path (`realm_access.roles`), else None.
+
+    The exact name wins so claim names that hold dots (`https://example.com/roles`) still work.
+    """
+    if path in claims:
+        return claims[path]
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _strings(value: Any) -> frozenset[str]:
+    """A space-separated string or a list of strings, as a set; anything else is empty."""
+    if isinstance(value, str):
+        return frozenset(value.split())
+    if isinstance(value, list | tuple):
+        return frozenset(item for item in value if isinstance(item, str) and item)
+    return frozenset()
+
+
+def _optional_string(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimMapping:
+    """Which claims become which `Principal` fields. Paths may be dotted (`realm_access.roles`).
+
+    Scopes are read from every claim in `scopes` (a space-separated string, RFC 8693 `scope`, or a list,
+    the `scp` habit) and merged. Roles accept the same two shapes.
+    """
+
+    subject: str = "sub"
+    roles: str | None = "roles"
+    tenant: str | None = None
+    plan: str | None = None
+    scopes: tuple[str, ...] = ("scope", "scp")
+
+    def __post_init__(self) -> None:
+        if not self.subject:
+            raise ConfigurationError("the subject claim name must not be empty")
+        scopes: object = self.scopes
+        if isinstance(scopes, str):
+            raise ConfigurationError("scopes is a tuple of claim names, not a string")
+
+    def principal(
+        self,
+        claims: Mapping[str, Any],
+        *,
+        method: AuthMethod,
+        expires_at: float | None,
+        fallback_subject: str | None = None,
+    ) -> Principal:
+        """The Principal these claims describe. Raises `InvalidTokenError` without a usable subject."""
+        subject = _optional_string(claim_at(claims, self.subject))
+        if subject is None and fallback_subject is not None:
+            subject = _optional_string(claim_at(claims, fallback_subject))
+        if subject is None:
+            raise InvalidTokenError("invalid_token", f"The token has no {self.subject} claim")
+        scopes: frozenset[str] = frozenset()
+        for name in self.scopes:
+            scopes |= _strings(claim_at(claims, name))
+        return Principal(
+            subject=subject,
+            method=method,
+            tenant=None if self.tenant is None else _optional_string(claim_at(claims, self.tenant)),
+            roles=frozenset() if self.roles is None else _strings(claim_at(claims, self.roles)),
+            scopes=scopes,
+            plan=None if self.plan is None else _optional_string(claim_at(claims, self.plan)),
+            expires_at=expires_at,
+            claims=MappingProxyType(dict(claims)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLocation:
+    """Where a bearer token is read. `Authorization: Bearer` always; a cookie or a query parameter only when
+    named here (query parameters end up in logs and browser history: RFC 6750 §5.3)."""
+
+    cookie: str | None = None
+    query: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cookie is not None and not self.cookie:
+            raise ConfigurationError("the token cookie name must not be empty")
+        if self.query is not None and not self.query:
+            raise ConfigurationError("the token query parameter name must not be empty")
+
+
+def token_digest(token: bytes) -> bytes:
+    """The cache key of a token: never the token itself, so a memory dump shows no usable credential."""
+    return hashlib.blake2b(token, digest_size=16).digest()
+
+
+class TokenCache:
+    """A bounded LRU of answers per token digest; an entry is dropped at its wall-clock `until`."""
+
+    __slots__ = ("_data", "_max_entries")
+
+    def __init__(self, max_entries: int) -> None:
+        if max_entries < 0:
+            raise ConfigurationError("cache size must not be negative")
+        self._max_entries = max_entries
+        self._data: OrderedDict[bytes, tuple[Any, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: bytes, now: float) -> Any:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        if item[1] <= now:
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return item[0]
+
+    def put(self, key: bytes, value: Any, until: float, now: float) -> None:
+        if self._max_entries == 0 or until <= now:
+            return
+        self._data[key] = (value, until)
+        self._data.move_to_end(key)
+        if len(self._data) > self._max_entries:
+            self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+
+def _quoted(value: str) -> str:
+    # RFC 6750 attribute values are quoted-strings; our texts are fixed, but never let one break the header.
+    return value.replace("\\", "").replace('"', "'")
+
+
+Authenticate = Callable[[bytes, Scope], Awaitable[Principal]]
+
+
+class BearerGate:
+    """The request flow shared by the bearer authenticators: mode, token, authenticate, publish or refuse."""
+
+    __slots__ = (
+        "_allow",
+        "_anonymous",
+        "_authenticate",
+        "_challenge",
+        "_default",
+        "_location",
+        "_method",
+        "_routes",
+    )
+
+    def __init__(
+        self,
+        *,
+        authenticate: Authenticate,
+        method: AuthMethod,
+        routes: Iterable[tuple[str, Iterable[str] | None, AuthMode]],
+        default: AuthMode,
+        location: TokenLocation,
+        realm: str | None,
+    ) -> None:
+        if default not in _MODES:
+            raise ConfigurationError(f"default must be one of {sorted(_MODES)}, not {default!r}")
+        entries = list(routes)
+        for _, _, mode in entries:
+            if mode not in _MODES:
+                raise ConfigurationError(f"route mode must be one of {sorted(_MODES)}, not {mode!r}")
+        if realm is not None and (not realm or '"' in realm or "\\" in realm):
+            raise ConfigurationError("realm must be a non-empty string without quotes or backslashes")
+        self._authenticate = authenticate
+        self._method = method
+        self._routes: RouteTable[AuthMode] | None = RouteTable(entries) if entries else None
+        self._default = default
+        self._location = location
+        self._challenge = "Bearer" if realm is None else f'Bearer realm="{realm}"'
+        # Decisions are immutable, so the hot path appends one built here instead of building one per request.
+        self._allow = Decision(_LAYER, "allow", details=MappingProxyType({"method": method}))
+        self._anonymous = Decision(_LAYER, "allow", reason="anonymous", details=_ANONYMOUS_DETAILS)
+
+    def challenge(self, error: str | None = None, description: str | None = None, **params: str) -> bytes:
+        """An RFC 6750 `WWW-Authenticate` value; no `error` when no token was presented (§3.1)."""
+        parts = [] if error is None else [f'error="{error}"']
+        if description is not None:
+            parts.append(f'error_description="{_quoted(description)}"')
+        parts.extend(f'{name}="{_quoted(value)}"' for name, value in params.items())
+        if not parts:
+            return self._challenge.encode("latin-1")
+        separator = ", " if " " in self._challenge else " "
+        return (self._challenge + separator + ", ".join(parts)).encode("latin-1", "replace")
+
+    def mode(self, scope: Scope) -> AuthMode:
+        if self._routes is None:
+            return self._default
+        found = self._routes.lookup(request_path(scope), scope.get("method"))
+        return self._default if found is None else found
+
+    def token(self, scope: Scope) -> bytes | None:
+        """The presented token, or None. Raises `InvalidTokenError("invalid_request")` when ambiguous."""
+        headers = scope["headers"]
+        found: list[bytes] = []
+        values = get_headers(headers, b"authorization")
+        if values:
+            if len(values) > 1:
+                raise InvalidTokenError("invalid_request", "More than one Authorization header")
+            scheme, _, credentials = values[0].strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                credentials = credentials.strip()
+                if not credentials:
+                    raise InvalidTokenError("invalid_request", "The Bearer credentials are empty")
+                found.append(credentials)
+        location = self._location
+        if location.cookie is None and location.query is None:
+            return found[0] if found else None
+        if location.cookie is not None:
+            found.extend(_cookie_values(headers, location.cookie))
+        if location.query is not None:
+            found.extend(_query_values(scope.get("query_string", b""), location.query))
+        if not found:
+            return None
+        if len(found) > 1:  # RFC 6750 §2: a client must not use more than one method
+            raise InvalidTokenError("invalid_request", "The token was presented more than once")
+        return found[0]
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, app: ASGIApp) -> None:
+        try:
+            mode = self.mode(scope)
+        except InvalidPathError:
+            await send_problem(scope, send, Problem(400, "The request path is invalid"), layer=_LAYER)
+            return
+        if mode == "exempt":
+            await app(scope, receive, send)
+            return
+        context = get_context(scope)
+        try:
+            token = self.token(scope)
+            # The app runs outside this try: its own exceptions must propagate, never become a refusal.
+            principal = None if token is None else await self._authenticate(token, scope)
+        except InvalidTokenError as exc:
+            context.record(_LAYER, "deny", reason=exc.reason, method=self._method)
+            if exc.reason == "invalid_request":
+                challenge = self.challenge("invalid_request", exc.description)
+                await self._refuse(scope, send, 400, exc.description, challenge)
+            else:
+                challenge = self.challenge("invalid_token", exc.description)
+                await self._refuse(scope, send, 401, exc.description, challenge, error="invalid_token")
+            return
+        except VerifierUnavailableError as exc:
+            logger.warning("token check unavailable: %s", exc)
+            context.record(_LAYER, "deny", reason="verifier_unavailable", method=self._method)
+            await send_problem(
+                scope,
+                send,
+                Problem(503, "Authentication is temporarily unavailable"),
+                headers=[(b"retry-after", _UNAVAILABLE_RETRY_AFTER)],
+                layer=_LAYER,
+            )
+            return
+        if principal is not None:
+            publish_principal(scope, principal)
+            context.decisions.append(self._allow)
+        elif mode == "optional":
+            publish_principal(scope, ANONYMOUS)
+            context.decisions.append(self._anonymous)
+        else:
+            context.record(_LAYER, "deny", reason="missing_credentials", method=self._method)
+            await self._refuse(scope, send, 401, "Authentication is required", self.challenge())
+            return
+        await app(scope, receive, send)
+
+    async def _refuse(
+        self,
+        scope: Scope,
+        send: Send,
+        status: int,
+        detail: str,
+        challenge: bytes,
+        *,
+        error: str | None = None,
+    ) -> None:
+        extensions: Mapping[str, Any] = MappingProxyType({} if error is None else {"error": error})
+        await send_problem(
+            scope,
+            send,
+            Problem(status, detail, extensions=extensions),
+            headers=[(b"www-authenticate", challenge)],
+            layer=_LAYER,
+        )
+
+
+def _cookie_values(headers: Iterable[tuple[bytes, bytes]], name: str) -> list[bytes]:
+    wanted = name.encode("latin-1")
+    found: list[bytes] = []
+    for value in get_headers(headers, b"cookie"):
+        for pair in value.split(b";"):
+            key, sep, content = pair.strip().partition(b"=")
+            if sep and key == wanted and content:
+                found.append(content.strip(b'"'))
+    return found
+
+
+def _query_values(query: bytes, name: str) -> list[bytes]:
+    wanted = name.encode("latin-1")
+    found: list[bytes] = []
+    for pair in query.split(b"&"):
+        key, sep, content = pair.partition(b"=")
+        if sep and unquote_to_bytes(key) == wanted and content:
+            found.append(unquote_to_bytes(content.replace(b"+", b" ")))
+    return found
+
+
+def new_http_client(timeout: float) -> httpx.AsyncClient:
+    """The client an authenticator creates on first use when none was injected: no redirects, no proxy
+    settings from the environment (the library reads no environment)."""
+    return httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+
+
+async def read_limited(response: httpx.Response, limit: int) -> bytes:
+    """The (decoded) body of a streamed 200 response, refused as soon as it grows past `limit` bytes."""
+    if response.status_code != 200:
+        raise ValueError(f"status {response.status_code}")
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ValueError(f"a body of {declared} bytes exceeds {limit}")
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > limit:
+            raise ValueError(f"the body exceeds {limit} bytes")
+    return bytes(body)
