@@ -41,6 +41,12 @@ def _strings(value: Iterable[str] | str, name: str) -> tuple[str, ...]:
     return items
 
 
+def _with_head(methods: Iterable[str]) -> frozenset[str]:
+    # Routers answer HEAD wherever they answer GET; a GET rule that left HEAD to the default would deny it.
+    found = frozenset(methods)
+    return found | {"HEAD"} if "GET" in found else found
+
+
 @dataclass(frozen=True, slots=True)
 class RoleDef:
     """A role: the roles it inherits from and the permissions it grants.
@@ -81,8 +87,10 @@ class RBACRule:
         if not self.id:
             raise ConfigurationError("a rule needs an id")
         if self.methods is not None:
-            methods = tuple(method.upper() for method in _strings(self.methods, f"rule {self.id}: methods"))
-            object.__setattr__(self, "methods", methods)
+            methods = _with_head(
+                method.upper() for method in _strings(self.methods, f"rule {self.id}: methods")
+            )
+            object.__setattr__(self, "methods", tuple(sorted(methods)))
         for name in ("roles", "permissions", "scopes"):
             object.__setattr__(self, name, _strings(getattr(self, name), f"rule {self.id}: {name}"))
         if self.public and (
@@ -211,7 +219,7 @@ class RBACMiddleware:
                 continue
             methods = None
             if methods_part.strip() not in ("", "*"):
-                methods = frozenset(method.strip().upper() for method in methods_part.split(","))
+                methods = _with_head(method.strip().upper() for method in methods_part.split(","))
             routes.append(_RoutePermission(name, PathPattern(path), methods))
         return frozenset(named), tuple(routes)
 

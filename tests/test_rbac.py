@@ -73,6 +73,8 @@ async def call(
     [
         ((), "GET", "/health", 200, "health"),
         (("viewer",), "GET", "/orders/1", 200, "orders-read"),
+        (("viewer",), "HEAD", "/orders/1", 200, "orders-read"),  # HEAD follows GET, as in routers
+        ((), "HEAD", "/health", 200, "health"),
         (("viewer",), "POST", "/orders/1", 403, "orders-write"),
         (("editor",), "POST", "/orders/1", 200, "orders-write"),  # inherits viewer, adds write
         (("editor",), "GET", "/orders/1", 200, "orders-read"),
@@ -84,6 +86,7 @@ async def call(
         (("viewer",), "GET", "/invoices/9", 403, "invoices"),
         (("reporter",), "GET", "/reports/q3", 200, "role:reporter"),  # route-bound permission
         (("reporter",), "POST", "/reports/q3", 403, None),
+        (("reporter",), "HEAD", "/reports/q3", 200, "role:reporter"),
         (("reporter",), "DELETE", "/exports/q3", 200, "role:reporter"),
         (("viewer",), "GET", "/reports/q3", 403, None),  # unmatched: default deny
         (("admin",), "PATCH", "/anything/else", 200, "role:admin"),  # "*" covers unmatched routes too
