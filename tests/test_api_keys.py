@@ -690,3 +690,14 @@ async def test_store_outage_serves_known_keys_stale_within_the_allowance(
 def test_stale_if_error_needs_a_cache() -> None:
     with pytest.raises(ConfigurationError, match="stale_if_error"):
         APIKeyPolicy(cache_ttl=0, stale_if_error=10)
+
+
+async def test_app_exceptions_propagate(manual_clock: ManualClock) -> None:
+    store = MemoryAPIKeyStore()
+    key = await issue(store, manual_clock)
+
+    async def failing(scope: Scope, receive: Receive, send: Send) -> None:
+        raise LookupError("from the app")
+
+    with pytest.raises(LookupError, match="from the app"):
+        await run_asgi(APIKeyMiddleware(failing, store=store, clock=manual_clock), key_scope(key))

@@ -3,6 +3,8 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nexus_middleware import get_context
 from nexus_middleware.api_keys import APIKeyManager, APIKeyMiddleware, MemoryAPIKeyStore
@@ -378,3 +380,42 @@ async def test_end_to_end_through_uvicorn() -> None:
         # httpx normalizes dot segments; a raw request target keeps them, as an attacker would send it.
         response = await client.get(f"{url}/x/%2e%2e/admin/users", headers={"X-API-Key": editor})
         assert response.status_code == 403
+
+
+def encoded(segment: str, choices: list[bool]) -> str:
+    return "".join(
+        f"%{ord(char):02X}" if pick else char for char, pick in zip(segment, choices, strict=False)
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    admin_encoding=st.lists(st.booleans(), min_size=5, max_size=5),
+    prefix=st.sampled_from(["", "/", "/.", "/x/..", "/./x/y/../..", "/%2e", "/x/%2E%2E"]),
+    separator=st.sampled_from(["/", "//", "/./", "%2F", "%2f", "/x/../"]),
+    lower_hex=st.booleans(),
+)
+async def test_no_spelling_of_an_admin_path_escapes_the_admin_rule(
+    admin_encoding: list[bool], prefix: str, separator: str, lower_hex: bool
+) -> None:
+    admin = encoded("admin", admin_encoding)
+    if lower_hex:
+        admin = admin.lower()
+    raw = f"{prefix}/{admin}{separator}users".encode()
+    rules = [*RULES[:2], RBACRule("public", "*", public=True)]
+    status, scope = await call(user("editor"), "/ignored", raw_path=raw, rules=rules)
+    assert status == 403, raw
+    assert get_context(scope).decision("rbac").rule == "admin"  # type: ignore[union-attr]
+
+
+class Boom(Exception):
+    pass
+
+
+async def test_app_exceptions_propagate() -> None:
+    async def failing(scope: Scope, receive: Receive, send: Send) -> None:
+        raise Boom
+
+    middleware = with_principal(RBACMiddleware(failing, roles=ROLES, rules=RULES), user("viewer"))
+    with pytest.raises(Boom):
+        await run_asgi(middleware, make_scope("/orders/1"))
