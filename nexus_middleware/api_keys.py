@@ -571,6 +571,7 @@ class APIKeyMiddleware:
         self._refusal = Problem(401, "A valid API key is required.")
         self._unavailable = Problem(503, "API keys cannot be verified right now; retry later.")
         self._cache: OrderedDict[str, _CacheEntry] = OrderedDict()
+        self._dummy_hash = _DUMMY_HASH if policy.pepper is None else "hmac-" + _DUMMY_HASH
 
     def __repr__(self) -> str:
         return f"APIKeyMiddleware(store={self._store!r}, policy={self._policy!r})"
@@ -647,7 +648,7 @@ class APIKeyMiddleware:
         record, principal = await self._lookup(key_id, details)
         pepper = self._policy.pepper
         if record is None:
-            _secret_matches(secret, _DUMMY_HASH, pepper)  # same work as a wrong secret
+            _secret_matches(secret, self._dummy_hash, pepper)  # same work as a wrong secret
             return None, "unknown_key", details
         now = self._clock.time()
         if not _secret_matches(secret, record.secret_hash, pepper):
