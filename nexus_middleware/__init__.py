@@ -1,6 +1,17 @@
 """nexus-middleware: composable pure-ASGI middlewares for an API gateway edge."""
 
 from nexus_middleware.access_log import AccessLogMiddleware
+from nexus_middleware.api_keys import (
+    APIKeyManager,
+    APIKeyMiddleware,
+    APIKeyPolicy,
+    APIKeyRecord,
+    APIKeyStore,
+    IssuedAPIKey,
+    MemoryAPIKeyStore,
+    RedisAPIKeyStore,
+    hash_api_key_secret,
+)
 from nexus_middleware.audit import (
     AuditLogMiddleware,
     AuditSink,
@@ -29,8 +40,9 @@ from nexus_middleware.concurrency import (
     PriorityClass,
 )
 from nexus_middleware.context import Decision, Principal, RequestContext, current_context, get_context
-from nexus_middleware.errors import ConfigurationError, DeadlineExceededError, NexusError
+from nexus_middleware.errors import ConfigurationError, DeadlineExceededError, NexusError, UnknownAPIKeyError
 from nexus_middleware.exceptions import ProblemDetailsMiddleware
+from nexus_middleware.identity import IdentityHeaders
 from nexus_middleware.introspection import IntrospectionMiddleware, IntrospectionPolicy
 from nexus_middleware.jwks import JWKSCache, JWKSPolicy
 from nexus_middleware.jwt_auth import JWTAuthMiddleware, JWTIssuer, JWTPolicy, RevocationList
@@ -39,6 +51,7 @@ from nexus_middleware.paths import PathPattern, RouteTable, normalize_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.ratelimit import RateLimitMiddleware
 from nexus_middleware.ratelimit_policy import Quota, RateLimitEvent, RateLimitOptions, RateLimitPolicy
+from nexus_middleware.rbac import RBACMiddleware, RBACRule, RoleDef
 from nexus_middleware.redaction import Redactor
 from nexus_middleware.request_id import RequestIDLogFilter, RequestIDMiddleware
 from nexus_middleware.security_headers import SecurityHeadersMiddleware
@@ -46,6 +59,11 @@ from nexus_middleware.timeout import TimeoutMiddleware
 from nexus_middleware.tracing import TracingMiddleware, inject_trace_headers
 
 __all__ = [
+    "APIKeyManager",
+    "APIKeyMiddleware",
+    "APIKeyPolicy",
+    "APIKeyRecord",
+    "APIKeyStore",
     "AccessLogMiddleware",
     "AdaptiveLimit",
     "AuditLogMiddleware",
@@ -65,8 +83,10 @@ __all__ = [
     "ConfigurationError",
     "DeadlineExceededError",
     "Decision",
+    "IdentityHeaders",
     "IntrospectionMiddleware",
     "IntrospectionPolicy",
+    "IssuedAPIKey",
     "JWKSCache",
     "JWKSPolicy",
     "JWTAuthMiddleware",
@@ -74,6 +94,7 @@ __all__ = [
     "JWTPolicy",
     "LoggerSink",
     "ManualClock",
+    "MemoryAPIKeyStore",
     "MetricsApp",
     "MetricsMiddleware",
     "NexusError",
@@ -83,16 +104,20 @@ __all__ = [
     "Problem",
     "ProblemDetailsMiddleware",
     "Quota",
+    "RBACMiddleware",
+    "RBACRule",
     "RateLimitEvent",
     "RateLimitMiddleware",
     "RateLimitOptions",
     "RateLimitPolicy",
     "Redactor",
+    "RedisAPIKeyStore",
     "RedisBreakerSync",
     "RequestContext",
     "RequestIDLogFilter",
     "RequestIDMiddleware",
     "RevocationList",
+    "RoleDef",
     "RouteTable",
     "SecurityHeadersMiddleware",
     "SinkPolicy",
@@ -101,9 +126,11 @@ __all__ = [
     "TimeoutMiddleware",
     "TokenLocation",
     "TracingMiddleware",
+    "UnknownAPIKeyError",
     "WebhookSink",
     "current_context",
     "get_context",
+    "hash_api_key_secret",
     "inject_trace_headers",
     "normalize_path",
     "register_gauge_source",

@@ -9,6 +9,7 @@ __all__ = [
     "RequestBodyTooLargeError",
     "StorageError",
     "StorageUnavailableError",
+    "UnknownAPIKeyError",
     "VerifierUnavailableError",
 ]
 
@@ -39,6 +40,10 @@ class StorageError(NexusError):
 
 class StorageUnavailableError(StorageError):
     """A storage backend cannot be reached (connection refused, timeout, breaker open)."""
+
+
+class UnknownAPIKeyError(NexusError, LookupError):
+    """The API key management API was asked about a key id the store does not hold."""
 
 
 class InvalidTokenError(NexusError):

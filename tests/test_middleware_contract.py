@@ -13,6 +13,7 @@ sinks, an endpoint) and a private metrics registry.
 import copy
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from joserfc.jwk import OctKey
@@ -21,6 +22,7 @@ from prometheus_client import CollectorRegistry
 import nexus_middleware
 from nexus_middleware import (
     AccessLogMiddleware,
+    APIKeyMiddleware,
     AuditLogMiddleware,
     BodySizeLimitMiddleware,
     CircuitBreakerMiddleware,
@@ -32,19 +34,43 @@ from nexus_middleware import (
     ProblemDetailsMiddleware,
     RateLimitMiddleware,
     RateLimitPolicy,
+    RBACMiddleware,
     RequestIDMiddleware,
     SecurityHeadersMiddleware,
     TimeoutMiddleware,
     TracingMiddleware,
 )
+from nexus_middleware.api_keys import APIKeyRecord, MemoryAPIKeyStore, hash_api_key_secret
 from nexus_middleware.audit import LoggerSink
+from nexus_middleware.context import Principal, publish_principal
+from nexus_middleware.rbac import RoleDef
 from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
 from tests.support.asgi import make_scope, ok_app, run_asgi
 from tests.support.idp import AUDIENCE, ISSUER, mint
 
 SIGNING_KEY = OctKey.generate_key(256)
+API_KEY_SECRET = "contract-secret-0123456789abcdef"
+API_KEYS = [APIKeyRecord("contract1", hash_api_key_secret(API_KEY_SECRET), owner="contract")]
+
+
+def authenticated(app: ASGIApp) -> ASGIApp:
+    """Stands for the authentication layer RBAC sits behind: publishes a principal holding role "reader"."""
+
+    async def publish(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            publish_principal(scope, Principal("alice", method="jwt", roles=frozenset({"reader"})))
+        await app(scope, receive, send)
+
+    return publish
+
+
+def rbac(app: ASGIApp, **options: Any) -> ASGIApp:
+    roles = {"reader": RoleDef(permissions=["GET /*"])}
+    return authenticated(RBACMiddleware(app, roles=roles, **options))
+
 
 BUILDERS: dict[str, Callable[[ASGIApp], ASGIApp]] = {
+    "APIKeyMiddleware": lambda app: APIKeyMiddleware(app, store=MemoryAPIKeyStore(API_KEYS)),
     "AccessLogMiddleware": lambda app: AccessLogMiddleware(app),
     "AuditLogMiddleware": lambda app: AuditLogMiddleware(app, sinks=[LoggerSink()]),
     "BodySizeLimitMiddleware": lambda app: BodySizeLimitMiddleware(app),
@@ -58,6 +84,7 @@ BUILDERS: dict[str, Callable[[ASGIApp], ASGIApp]] = {
     ),
     "MetricsMiddleware": lambda app: MetricsMiddleware(app, registry=CollectorRegistry()),
     "ProblemDetailsMiddleware": lambda app: ProblemDetailsMiddleware(app),
+    "RBACMiddleware": rbac,
     "RateLimitMiddleware": lambda app: RateLimitMiddleware(
         app, policies=[RateLimitPolicy("api", "1000/minute", key="client")]
     ),
@@ -69,6 +96,7 @@ BUILDERS: dict[str, Callable[[ASGIApp], ASGIApp]] = {
 
 # What an authenticator in its default ("required") mode needs to let a request through.
 CREDENTIALS: dict[str, Callable[[], list[tuple[str, str]]]] = {
+    "APIKeyMiddleware": lambda: [("x-api-key", f"nx_contract1_{API_KEY_SECRET}")],
     "JWTAuthMiddleware": lambda: [
         ("authorization", f"Bearer {mint(SIGNING_KEY, alg='HS256', now=time.time())}")
     ],
@@ -163,6 +191,10 @@ async def test_streamed_chunks_pass_through_one_by_one(name: str) -> None:
 # Every layer that matches routes answers an unusable path the same way, whichever sees it first.
 ORDERS_UNPROTECTED = [("/orders", None, None)]
 ROUTED: dict[str, Callable[[ASGIApp], ASGIApp]] = {
+    "APIKeyMiddleware": lambda app: APIKeyMiddleware(
+        app, store=MemoryAPIKeyStore(API_KEYS), exempt=["/health"]
+    ),
+    "RBACMiddleware": rbac,
     "BodySizeLimitMiddleware": lambda app: BodySizeLimitMiddleware(app, route_limits={"/uploads/*": 10}),
     "CircuitBreakerMiddleware": lambda app: CircuitBreakerMiddleware(app, routes=ORDERS_UNPROTECTED),
     "ConcurrencyLimitMiddleware": lambda app: ConcurrencyLimitMiddleware(

@@ -23,8 +23,15 @@ class Check:
     content: bytes | None = None
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
+    factory_kwargs: dict[str, str] | None = None  # build with create_app(**factory_kwargs)
     expect: Callable[[httpx.Response], bool] = field(default=lambda response: True)
 
+
+JWT_RECIPE = {
+    "issuer": "https://idp.example.com/",
+    "audience": "orders-api",
+    "jwks_url": "http://127.0.0.1:9/jwks.json",
+}
 
 CHECKS = [
     Check(
@@ -66,6 +73,21 @@ CHECKS = [
         status=502,
         expect=lambda r: r.headers["content-type"] == "application/problem+json",
     ),
+    # The JWKS URL is never fetched on these paths: /health is exempt and a missing token is refused at once.
+    *(
+        Check("fastapi_jwt_rbac", path, status=status, factory_kwargs=JWT_RECIPE, expect=expect)
+        for path, status, expect in [
+            ("/health", 200, lambda r: r.json() == {"status": "ok"}),
+            (
+                "/orders/1",
+                401,
+                lambda r: (
+                    r.headers["www-authenticate"].startswith("Bearer")
+                    and r.headers["content-type"] == "application/problem+json"
+                ),
+            ),
+        ]
+    ),
 ]
 
 
@@ -85,7 +107,10 @@ def test_every_recipe_is_checked() -> None:
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: f"{c.module}:{c.method} {c.path}")
 async def test_recipe_serves_real_responses(check: Check) -> None:
     module = importlib.import_module(f"recipes.{check.module}")
-    app = module.app if hasattr(module, "app") else module.create_app()  # factory recipes (uvicorn --factory)
+    if check.factory_kwargs is not None:
+        app = module.create_app(**check.factory_kwargs)
+    else:
+        app = module.app if hasattr(module, "app") else module.create_app()  # factory recipes
     async with serve(app) as base_url, httpx.AsyncClient(base_url=base_url) as client:
         response = await client.request(
             check.method, check.path, content=check.content, headers=check.headers
