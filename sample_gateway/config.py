@@ -61,8 +61,14 @@ __all__ = [
     "StorageConfig",
     "TargetConfig",
     "TimeoutsConfig",
+    "config_from_text",
+    "config_path_from_environment",
+    "cross_check",
+    "export_config_path",
+    "format_location",
     "load_config",
     "parse_config",
+    "parse_config_text",
 ]
 
 ENV_PREFIX = "NEXUS__"
@@ -434,7 +440,7 @@ class GatewayConfig(_Model):
         raise KeyError(name)
 
 
-def _format_location(location: Sequence[int | str]) -> str:
+def format_location(location: Sequence[int | str]) -> str:
     text = ""
     for part in location:
         if isinstance(part, int):
@@ -444,7 +450,7 @@ def _format_location(location: Sequence[int | str]) -> str:
     return text
 
 
-def _cross_checks(config: GatewayConfig) -> list[tuple[str, str]]:
+def cross_check(config: GatewayConfig) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     names: dict[str, int] = {}
     target_ids: dict[str, str] = {}
@@ -524,9 +530,9 @@ def parse_config(
                 message = "unknown key"
             elif message.startswith("Value error, "):
                 message = message[len("Value error, ") :]
-            problems.append((_format_location(error["loc"]), message))
+            problems.append((format_location(error["loc"]), message))
         raise GatewayConfigError(problems, source=source) from None
-    problems = _cross_checks(config)
+    problems = cross_check(config)
     if problems:
         raise GatewayConfigError(problems, source=source)
     return config
@@ -556,6 +562,16 @@ def parse_config_text(
         problem = getattr(exc, "problem", None) or str(exc)
         raise GatewayConfigError([("", f"not valid YAML: {where}{problem}")], source=source) from None
     return parse_config(data, environ=environ, source=source)
+
+
+def config_from_text(text: str, *, source: str | None = None) -> GatewayConfig:
+    """Validate YAML text with the process environment's overrides, as at start-up (admin reload)."""
+    return parse_config_text(text, environ=os.environ, source=source)
+
+
+def export_config_path(path: str | Path) -> None:
+    """Hand the config file to the worker processes that `--workers N` starts."""
+    os.environ[CONFIG_PATH_VARIABLE] = str(path)
 
 
 def config_path_from_environment(environ: Mapping[str, str] | None = None) -> str | None:

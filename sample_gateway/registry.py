@@ -269,11 +269,11 @@ def build_target(data: Mapping[str, Any]) -> Target:
     """A target from an admin request body, validated like a config target."""
     from pydantic import ValidationError
 
-    from sample_gateway.config import TargetConfig, _format_location
+    from sample_gateway.config import TargetConfig, format_location
 
     try:
         parsed = TargetConfig.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ConfigurationError(f"{_format_location(first['loc'])}: {first['msg']}") from None
+        raise ConfigurationError(f"{format_location(first['loc'])}: {first['msg']}") from None
     return _target(parsed)

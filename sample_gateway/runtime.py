@@ -15,7 +15,7 @@ from nexus_middleware.clock import SYSTEM_CLOCK, Clock
 from sample_gateway.balancing import ServiceSelector, create_balancer
 from sample_gateway.config import GatewayConfig, RouteConfig, ServiceConfig
 from sample_gateway.contracts import RetryPolicy, UpstreamPolicy
-from sample_gateway.health import ActiveCheckPolicy, HealthTracker, OutlierPolicy
+from sample_gateway.health import ActiveCheckPolicy, ActiveHealthChecker, HealthTracker, OutlierPolicy
 from sample_gateway.registry import Registry, RegistryStore, registry_store_from_url, static_targets
 from sample_gateway.routing import Backend, Router, build_router
 
@@ -84,6 +84,7 @@ class GatewayRuntime:
         self.tracker = HealthTracker(clock=clock)
         self.config_source = config_source  # re-reads the config file for an admin reload without a body
         self.started = False
+        self.checker: ActiveHealthChecker | None = None  # set by the app's lifespan
         self.breaker_states: BreakerStatesHook | None = None
         self.rate_limit_policies: RateLimitPoliciesHook | None = None
         self._apply(config)
@@ -135,6 +136,8 @@ class GatewayRuntime:
     def reload(self, config: GatewayConfig) -> None:
         """Adopt an already validated config (services, targets, routes, policies)."""
         self._apply(config)
+        if self.checker is not None:
+            self.checker.set_policies(self.check_policies)
 
     def sync_targets(self) -> None:
         """Tell the health tracker about registry changes (dynamic registration, store refresh)."""
