@@ -110,6 +110,16 @@ class ClientAddressResolver:
             return True
         return any(address.version == net.version and address in net for net in self._networks)
 
+    def trusts_peer(self, scope: Scope) -> bool:
+        """True when the TCP peer is a trusted proxy, so the forwarding headers it sent are believed."""
+        client = scope.get("client")
+        peer = _parse_ip(client[0]) if client else None
+        if peer is None:
+            return False
+        if self._hops is not None:
+            return self._hops > 0
+        return self.is_trusted(peer)
+
     def resolve(self, scope: Scope) -> str | None:
         """The client address as canonical text, or None when the server reports no peer (unix sockets)."""
         client = scope.get("client")

@@ -1,3 +1,5 @@
+from typing import Any
+
 import pytest
 
 from nexus_middleware.client import ClientAddressResolver, normalize_ip
@@ -104,3 +106,20 @@ def test_repr_and_normalize_ip() -> None:
     assert normalize_ip("fe80::1%eth0") == "fe80::1"
     assert normalize_ip("") is None
     assert normalize_ip("[broken") is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "peer", "expected"),
+    [
+        ({}, "10.0.0.1", False),
+        ({"trusted_proxies": TRUSTED}, "10.0.0.1", True),
+        ({"trusted_proxies": TRUSTED}, "203.0.113.7", False),
+        ({"trusted_proxies": ["*"]}, "203.0.113.7", True),
+        ({"trusted_hops": 0}, "10.0.0.1", False),
+        ({"trusted_hops": 1}, "203.0.113.7", True),
+        ({"trusted_proxies": TRUSTED}, None, False),
+    ],
+)
+def test_trusts_peer(kwargs: dict[str, Any], peer: str | None, expected: bool) -> None:
+    scope = make_scope(client=(peer, 1234) if peer else None)
+    assert ClientAddressResolver(**kwargs).trusts_peer(scope) is expected

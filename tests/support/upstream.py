@@ -55,7 +55,9 @@ class UpstreamApp:
             if not message.get("more_body"):
                 break
         if path.startswith("/delay"):
-            await asyncio.sleep(float(query.get("seconds", "0.1")))
+            if not await _sleep_unless_disconnected(receive, float(query.get("seconds", "0.1"))):
+                self.cancelled += 1  # uvicorn never cancels the app: the client leaving is seen in receive()
+                return
             await _send_json(send, 200, {"delayed": float(query.get("seconds", "0.1")), "name": self.name})
         elif path.startswith("/status/"):
             status = int(path.rsplit("/", 1)[1])
@@ -71,8 +73,9 @@ class UpstreamApp:
                 }
             )
             for index in range(chunks):
-                if delay:
-                    await asyncio.sleep(delay)
+                if delay and not await _sleep_unless_disconnected(receive, delay):
+                    self.cancelled += 1
+                    return
                 await send(
                     {"type": "http.response.body", "body": b"x" * size, "more_body": index < chunks - 1}
                 )
@@ -122,6 +125,21 @@ class UpstreamApp:
             if message["type"] == "websocket.disconnect":
                 return
             await send({"type": "websocket.send", "text": message.get("text"), "bytes": message.get("bytes")})
+
+
+async def _sleep_unless_disconnected(receive: Receive, seconds: float) -> bool:
+    """Sleep `seconds`; False as soon as the client disconnects instead."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({watcher}, timeout=seconds)
+    finally:
+        watcher.cancel()
+    return not done
 
 
 async def _send_json(send: Send, status: int, payload: Any) -> None:

@@ -1,0 +1,770 @@
+"""The gateway's data plane: a streaming reverse proxy over an `UpstreamClient`.
+
+`ReverseProxy.forward` sends one request to a target chosen by the control plane's `TargetSelector`, streams
+the request body up and the response body down as raw bytes, and answers upstream failures with problem
+details. The upstream URL is built only from the chosen `Target.url` and the path the router produced, so no
+request can make the gateway connect anywhere else. See docs/proxy.md for the header, timeout and retry rules.
+"""
+
+import asyncio
+import logging
+import random
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Literal
+
+from nexus_middleware.client import ClientAddressResolver
+from nexus_middleware.clock import SYSTEM_CLOCK, Clock
+from nexus_middleware.context import RequestContext, get_context
+from nexus_middleware.errors import ConfigurationError
+from nexus_middleware.headers import RawHeaders, contains_ctl, get_header
+from nexus_middleware.problem import Problem, send_problem
+from nexus_middleware.types import Message, Receive, Scope, Send
+from sample_gateway.contracts import (
+    AttemptObserver,
+    AttemptOutcome,
+    RetryPolicy,
+    Target,
+    TargetSelector,
+    UpstreamPolicy,
+)
+from sample_gateway.upstream_client import (
+    ConnectionGate,
+    GateSlot,
+    Origin,
+    UpstreamClient,
+    UpstreamConnectError,
+    UpstreamDisconnectedError,
+    UpstreamError,
+    UpstreamPoolExhaustedError,
+    UpstreamProtocolError,
+    UpstreamResponse,
+    UpstreamTimeoutError,
+)
+
+__all__ = [
+    "HOP_BY_HOP_HEADERS",
+    "HeaderHook",
+    "IDEMPOTENT_METHODS",
+    "REPLAY_BUFFER_LIMIT",
+    "RetryBudget",
+    "ReverseProxy",
+]
+
+logger = logging.getLogger(__name__)
+
+HeaderHook = Callable[[Scope, RawHeaders], RawHeaders]
+
+# RFC 9110 §7.6.1, plus the non-standard Proxy-Connection that old clients still send.
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# A request body up to this size, with a declared Content-Length, is read before the first attempt of a
+# retryable request so that it can be replayed; larger or chunked bodies are streamed and never replayed once
+# the upstream started reading them.
+REPLAY_BUFFER_LIMIT = 64 * 1024
+
+# The gateway sets these itself; what the client sent is believed only from a trusted proxy.
+_FORWARDED_NAMES = (b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port")
+# A path the router produced: absolute, printable, no query, fragment or backslash, no authority-like `//`.
+_SAFE_PATH = re.compile(rb"/(?!/)[\x21-\x7e]*")
+_UNSAFE_PATH_BYTES = re.compile(rb"[?#\\]")
+_SAFE_QUERY = re.compile(rb"[\x21-\x7e]*")
+_UNSAFE_QUERY_BYTES = re.compile(rb"[#\\]")
+_DEFAULT_PORTS = {"http": b"80", "https": b"443", "ws": b"80", "wss": b"443"}
+_MAX_CACHED = 1024
+
+
+class RetryBudget:
+    """Caps retries as a share of requests, per service: a token bucket in the manner of Finagle.
+
+    Every request deposits `ratio` tokens (kept up to the allowance of the last 100 requests); a retry spends
+    one. A reserve refilled at `min_per_second` lets a quiet service retry at all. So over any busy period
+    retries stay near `ratio` of requests, and a failing service cannot triple its own load with retries.
+    """
+
+    __slots__ = ("_capacity", "_clock", "_min_per_second", "_ratio", "_refilled_at", "_reserve", "_tokens")
+
+    def __init__(self, *, ratio: float, min_per_second: float, clock: Clock = SYSTEM_CLOCK) -> None:
+        if ratio < 0 or min_per_second < 0:
+            raise ConfigurationError("retry budget ratio and min_per_second must be zero or more")
+        self._ratio = ratio
+        self._min_per_second = min_per_second
+        self._capacity = ratio * 100
+        self._clock = clock
+        self._tokens = 0.0
+        self._reserve = min_per_second
+        self._refilled_at = clock.monotonic()
+
+    def __repr__(self) -> str:
+        return f"RetryBudget(ratio={self._ratio!r}, min_per_second={self._min_per_second!r})"
+
+    def deposit(self) -> None:
+        self._tokens = min(self._tokens + self._ratio, self._capacity)
+
+    def try_spend(self) -> bool:
+        """Take the allowance for one retry; False when the budget is spent."""
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        now = self._clock.monotonic()
+        elapsed, self._refilled_at = now - self._refilled_at, now
+        self._reserve = min(self._reserve + elapsed * self._min_per_second, self._min_per_second)
+        if self._reserve >= 1:
+            self._reserve -= 1
+            return True
+        return False
+
+
+def _validate_header_name(name: str, option: str) -> bytes:
+    raw = name.lower().encode("latin-1")
+    if not raw or not re.fullmatch(rb"[!#$%&'*+\-.^_`|~0-9a-z]+", raw):
+        raise ConfigurationError(f"{option} must be a header name token, not {name!r}")
+    return raw
+
+
+class ReverseProxy:
+    """Forwards requests to the targets a `TargetSelector` picks. One instance per gateway process.
+
+    - `client`: the `UpstreamClient` created in the lifespan (`create_upstream_client()`).
+    - `client_resolver`: decides whether the peer is a trusted proxy whose `X-Forwarded-*` headers are kept.
+    - `via`: this hop's `Via` entry, appended on requests and responses.
+    - `request_id_header`: carries `get_context(scope).request_id` upstream (generated when absent).
+    - `header_hooks`: called in order with the scope and the outgoing request headers, after hop-by-hop
+      stripping and the gateway's own headers; each returns the list to send (identity, `traceparent`).
+    - `replay_buffer_limit`: largest request body buffered so a retryable request can be replayed.
+    - `retry_after`: seconds in `Retry-After` on the 503s for no target and pool exhaustion.
+    - `random`, `sleep`: the jitter source and the backoff sleep, injectable so tests never wait.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: UpstreamClient,
+        client_resolver: ClientAddressResolver | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        via: str = "1.1 nexus",
+        request_id_header: str = "x-request-id",
+        header_hooks: Sequence[HeaderHook] = (),
+        replay_buffer_limit: int = REPLAY_BUFFER_LIMIT,
+        retry_after: int = 1,
+        random: Callable[[], float] = random.random,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if not via or contains_ctl(via) or "," in via:
+            raise ConfigurationError("via must be one `protocol pseudonym` entry without commas or controls")
+        if replay_buffer_limit < 0:
+            raise ConfigurationError("replay_buffer_limit must be zero or more")
+        if retry_after < 0:
+            raise ConfigurationError("retry_after must be zero or more seconds")
+        self._client = client
+        self._resolver = client_resolver or ClientAddressResolver()
+        self._clock = clock
+        self._via = via.encode("latin-1")
+        self._request_id_header = _validate_header_name(request_id_header, "request_id_header")
+        self._hooks = tuple(header_hooks)
+        self._replay_limit = replay_buffer_limit
+        self._retry_after = ((b"retry-after", str(retry_after).encode()),)
+        self._random = random
+        self._sleep = sleep
+        self._gateway_names = HOP_BY_HOP_HEADERS | {
+            b"host",
+            b"via",
+            b"x-forwarded-for",
+            b"forwarded",
+            self._request_id_header,
+            *_FORWARDED_NAMES,
+        }
+        self._origins: dict[str, Origin] = {}
+        self._budgets: dict[tuple[str, float, float], RetryBudget] = {}
+        self._service_gates: dict[tuple[str, int], ConnectionGate] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"ReverseProxy(client={self._client!r}, client_resolver={self._resolver!r}, "
+            f"via={self._via.decode()!r}, request_id_header={self._request_id_header.decode()!r}, "
+            f"header_hooks={len(self._hooks)}, replay_buffer_limit={self._replay_limit})"
+        )
+
+    async def forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        selector: TargetSelector,
+        policy: UpstreamPolicy,
+        path: str,
+        observer: AttemptObserver | None = None,
+    ) -> None:
+        """Forward the request in `scope` to a target of `policy.service`, and stream the answer back.
+
+        `path` is the upstream path, already normalized and rewritten by routing; the query string is the
+        request's own. Returns once the response was sent, or the client went away; raises when the upstream
+        failed after the response had started, so the server aborts the connection.
+        """
+        if scope["type"] != "http":
+            raise ValueError("ReverseProxy.forward handles http scopes only")
+        context = get_context(scope)
+        target = self._request_target(path, scope.get("query_string", b""))
+        if target is None:
+            context.record("proxy", "error", reason="unsafe_path", service=policy.service)
+            await send_problem(
+                scope, send, Problem(400, "the request path cannot be forwarded"), layer="proxy"
+            )
+            return
+        exchange = _Exchange(self, scope, receive, send, selector, policy, target, observer, context)
+        await exchange.run()
+
+    # --- per-request helpers used by _Exchange -------------------------------------------------------------
+
+    @staticmethod
+    def _request_target(path: str, query: bytes) -> str | None:
+        raw = path.encode("latin-1", "replace")
+        if not _SAFE_PATH.fullmatch(raw) or _UNSAFE_PATH_BYTES.search(raw):
+            return None
+        if not query:
+            return path
+        if not _SAFE_QUERY.fullmatch(query) or _UNSAFE_QUERY_BYTES.search(query):
+            return None
+        return f"{path}?{query.decode('ascii')}"
+
+    def _origin(self, target: Target) -> Origin:
+        origin = self._origins.get(target.url)
+        if origin is None:
+            origin = Origin.parse(target.url)
+            if len(self._origins) >= _MAX_CACHED:
+                self._origins.clear()
+            self._origins[target.url] = origin
+        return origin
+
+    def _budget(self, service: str, retry: RetryPolicy) -> RetryBudget:
+        key = (service, retry.budget_ratio, retry.budget_min_per_second)
+        budget = self._budgets.get(key)
+        if budget is None:
+            if len(self._budgets) >= _MAX_CACHED:
+                self._budgets.clear()
+            budget = self._budgets[key] = RetryBudget(
+                ratio=retry.budget_ratio, min_per_second=retry.budget_min_per_second, clock=self._clock
+            )
+        return budget
+
+    def _service_gate(self, policy: UpstreamPolicy) -> ConnectionGate:
+        key = (policy.service, policy.pool_max_connections)
+        gate = self._service_gates.get(key)
+        if gate is None:
+            gate = self._service_gates[key] = ConnectionGate(policy.pool_max_connections)
+        return gate
+
+    def request_headers(self, scope: Scope, context: RequestContext) -> RawHeaders:
+        """The outgoing request headers, without `host` (set per target by the exchange)."""
+        incoming: Sequence[tuple[bytes, bytes]] = scope.get("headers") or ()
+        named = _connection_tokens(incoming)
+        trusted = self._resolver.trusts_peer(scope)
+        gateway_names = self._gateway_names
+        out: RawHeaders = []
+        prior_for: list[bytes] = []
+        prior_via: list[bytes] = []
+        forwarded: dict[bytes, bytes] = {}
+        for name, value in incoming:
+            if name not in gateway_names:
+                if name not in named:
+                    out.append((name, value))
+            elif name == b"x-forwarded-for":
+                if trusted:
+                    prior_for.append(value)
+            elif name == b"via":
+                prior_via.append(value)
+            elif trusted:  # x-forwarded-proto/host/port, forwarded
+                forwarded.setdefault(name, value)
+        client = scope.get("client")
+        if client:
+            prior_for.append(client[0].encode("latin-1"))
+        if prior_for:
+            out.append((b"x-forwarded-for", b", ".join(prior_for)))
+        if b"forwarded" in forwarded:
+            out.append((b"forwarded", forwarded[b"forwarded"]))
+        scheme: str = scope.get("scheme", "http")
+        out.append((b"x-forwarded-proto", forwarded.get(b"x-forwarded-proto") or scheme.encode()))
+        host = forwarded.get(b"x-forwarded-host") or get_header(incoming, b"host")
+        if host:
+            out.append((b"x-forwarded-host", host))
+        port = forwarded.get(b"x-forwarded-port")
+        if port is None:
+            server = scope.get("server")
+            port = str(server[1]).encode() if server and server[1] else _DEFAULT_PORTS.get(scheme, b"80")
+        out.append((b"x-forwarded-port", port))
+        prior_via.append(self._via)
+        out.append((b"via", b", ".join(prior_via)))
+        request_id = context.request_id
+        if not request_id:
+            request_id = context.request_id = uuid.uuid4().hex
+        out.append((self._request_id_header, request_id.encode("latin-1")))
+        for hook in self._hooks:
+            out = hook(scope, out)
+        return out
+
+    def response_headers(self, upstream: RawHeaders) -> RawHeaders:
+        named = _connection_tokens(upstream)
+        out: RawHeaders = []
+        prior_via: list[bytes] = []
+        for name, value in upstream:
+            if name in HOP_BY_HOP_HEADERS or name in named:
+                continue
+            if name == b"via":
+                prior_via.append(value)
+                continue
+            out.append((name, value))
+        prior_via.append(self._via)
+        out.append((b"via", b", ".join(prior_via)))
+        return out
+
+
+def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(token.strip().lower() for token in value.split(b","))
+    return frozenset(tokens) if tokens else frozenset()
+
+
+def _outcome_of(error: UpstreamError) -> AttemptOutcome:
+    if isinstance(error, UpstreamTimeoutError):
+        return "timeout"
+    if isinstance(error, UpstreamProtocolError):
+        return "protocol_error"
+    if isinstance(error, UpstreamPoolExhaustedError):
+        return "cancelled"  # the gateway's own limit: the target never saw the attempt, so it is not to blame
+    return "connect_error"
+
+
+class _RequestBody:
+    """The request body of one exchange: empty, buffered (replayable), or streamed (replayable until read)."""
+
+    __slots__ = ("_buffered", "_complete", "_empty", "_on_complete", "_on_disconnect", "_receive", "consumed")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._empty = False
+        self._buffered: bytes | None = None
+        self._complete = False
+        self.consumed = False
+        self._on_complete: Callable[[], None] = _nothing
+        self._on_disconnect: Callable[[], None] = _nothing
+
+    async def prepare(self, headers: Sequence[tuple[bytes, bytes]], buffer_limit: int) -> bool:
+        """Decide how the body travels; False when the client went away while it was being buffered."""
+        length_header = get_header(headers, b"content-length")
+        chunked = get_header(headers, b"transfer-encoding") is not None
+        length = int(length_header) if length_header and length_header.isdigit() else None
+        if not chunked and (length_header is None or length == 0):
+            self._empty = True
+            return True
+        if chunked or length is None or length > buffer_limit:
+            return True
+        body = bytearray()
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                return False
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        self._buffered = bytes(body)
+        self._complete = True
+        return True
+
+    @property
+    def complete(self) -> bool:
+        """True once nothing is left to read from the client (so `receive` is free for disconnects)."""
+        return self._empty or self._complete
+
+    @property
+    def replayable(self) -> bool:
+        return self._empty or self._buffered is not None or not self.consumed
+
+    def watch(self, on_complete: Callable[[], None], on_disconnect: Callable[[], None]) -> None:
+        self._on_complete = on_complete
+        self._on_disconnect = on_disconnect
+
+    def payload(self) -> bytes | AsyncIterator[bytes] | None:
+        if self._empty:
+            return None
+        if self._buffered is not None:
+            return self._buffered
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        self.consumed = True
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self._on_disconnect()
+                return
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                break
+        self._complete = True
+        self._on_complete()
+
+
+def _nothing() -> None:
+    return None
+
+
+_Cause = Literal["connect", "timeout", "protocol", "disconnected", "pool"]
+
+
+class _Exchange:
+    """The state of one forwarded request: attempts, retries, the response once it started."""
+
+    __slots__ = (
+        "_body",
+        "_context",
+        "_deadline",
+        "_disconnected",
+        "_observer",
+        "_policy",
+        "_proxy",
+        "_receive",
+        "_retries",
+        "_scope",
+        "_selector",
+        "_send",
+        "_started",
+        "_target",
+        "_task",
+        "_watcher",
+    )
+
+    def __init__(
+        self,
+        proxy: ReverseProxy,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        selector: TargetSelector,
+        policy: UpstreamPolicy,
+        target: str,
+        observer: AttemptObserver | None,
+        context: RequestContext,
+    ) -> None:
+        self._proxy = proxy
+        self._scope = scope
+        self._receive = receive
+        self._send = send
+        self._selector = selector
+        self._policy = policy
+        self._target = target
+        self._observer = observer
+        self._context = context
+        self._body = _RequestBody(receive)
+        self._retries = 0
+        self._started = False
+        self._disconnected = False
+        self._task: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        deadline = context.deadline
+        if policy.total_timeout is not None:
+            own = proxy._clock.monotonic() + policy.total_timeout
+            deadline = own if deadline is None else min(deadline, own)
+        self._deadline = deadline
+
+    async def run(self) -> None:
+        proxy, scope, policy = self._proxy, self._scope, self._policy
+        method: str = scope["method"]
+        headers: Sequence[tuple[bytes, bytes]] = scope.get("headers") or ()
+        retryable = policy.retry.attempts > 1 and (
+            method in IDEMPOTENT_METHODS or get_header(headers, b"idempotency-key") is not None
+        )
+        if not await self._body.prepare(headers, proxy._replay_limit if retryable else 0):
+            self._context.record("proxy", "error", reason="client_disconnect", service=policy.service)
+            return
+        outgoing = proxy.request_headers(scope, self._context)
+        budget = proxy._budget(policy.service, policy.retry)
+        budget.deposit()
+        # The exchange runs in its own task so that a client disconnect can cancel it at any await.
+        task = self._task = asyncio.ensure_future(self._attempts(method, outgoing, retryable, budget))
+        self._body.watch(self._start_watcher, self._client_gone)
+        if self._body.complete:
+            self._start_watcher()
+        try:
+            await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not self._disconnected or (current is not None and current.cancelling()):
+                raise
+            self._context.record(
+                "proxy", "error", reason="client_disconnect", service=policy.service, retries=self._retries
+            )
+        finally:
+            if self._watcher is not None:
+                self._watcher.cancel()
+
+    def _start_watcher(self) -> None:
+        if self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        try:
+            while True:
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    self._client_gone()
+                    return
+        except Exception:  # a broken receive is the server's business; the exchange goes on
+            logger.debug("receive failed while watching for a disconnect", exc_info=True)
+
+    def _client_gone(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            self._disconnected = True
+            task.cancel()
+
+    def _remaining(self) -> float | None:
+        if self._deadline is None:
+            return None
+        return self._deadline - self._proxy._clock.monotonic()
+
+    async def _attempts(
+        self, method: str, outgoing: RawHeaders, retryable: bool, budget: RetryBudget
+    ) -> None:
+        proxy, policy = self._proxy, self._policy
+        retry = policy.retry
+        tried: frozenset[str] = frozenset()
+        last: Target | None = None
+        attempt = 0
+        while True:
+            attempt += 1
+            target = await self._selector.select(self._scope, exclude=tried)
+            if target is None and tried:
+                target = await self._selector.select(self._scope)  # every target tried: any will do
+            if target is None:
+                await self._no_target(last)
+                return
+            last = target
+            result = await self._attempt(method, target, outgoing)
+            if isinstance(result, UpstreamError):
+                retry_on = retry.on_connect_errors and (not result.sent or _before_response(result))
+            else:
+                retry_on = result.response.status in retry.on_statuses
+            if retryable and retry_on and attempt < retry.attempts and self._body.replayable:
+                delay = self._backoff_delay(attempt)
+                if delay is not None and budget.try_spend():
+                    if not isinstance(result, UpstreamError):
+                        await self._finish(target, result, "http_error")
+                    if delay > 0:
+                        await proxy._sleep(delay)
+                    self._retries += 1
+                    tried = tried | {target.id}
+                    continue
+            if isinstance(result, UpstreamError):
+                await self._fail(target, result)
+                return
+            await self._stream(target, result)
+            return
+
+    def _backoff_delay(self, attempt: int) -> float | None:
+        """The full-jitter delay before retry number `attempt`, or None when the deadline forbids a retry."""
+        retry = self._policy.retry
+        delay: float = self._proxy._random() * min(
+            retry.backoff_max, retry.backoff_base * 2.0 ** (attempt - 1)
+        )
+        remaining = self._remaining()
+        if remaining is not None and delay >= remaining:
+            return None
+        return delay
+
+    async def _attempt(self, method: str, target: Target, outgoing: RawHeaders) -> "_Attempt | UpstreamError":
+        proxy, policy, observer = self._proxy, self._policy, self._observer
+        clock = proxy._clock
+        origin = proxy._origin(target)
+        host = get_header(self._scope.get("headers") or (), b"host") if policy.preserve_host else None
+        if host is None:
+            host = origin.netloc.encode("idna")
+        headers = [(b"host", host), *outgoing]
+        remaining = self._remaining()
+        if observer is not None:
+            observer.attempt_started(target)
+        began = clock.monotonic()
+        if remaining is not None and remaining <= 0:
+            self._observe(target, "timeout", None, began)
+            return UpstreamTimeoutError("the deadline passed before the attempt", phase="read")
+        connect_timeout = policy.connect_timeout
+        if remaining is not None:
+            connect_timeout = min(connect_timeout, remaining)
+        gate = proxy._service_gate(policy)
+        try:
+            async with asyncio.timeout(remaining):
+                await gate.acquire(policy.service, connect_timeout)
+                try:
+                    response = await proxy._client.open(
+                        method,
+                        origin,
+                        self._target,
+                        headers,
+                        self._body.payload(),
+                        connect_timeout=connect_timeout,
+                        read_timeout=policy.read_timeout,
+                    )
+                except BaseException:
+                    gate.release(policy.service)
+                    raise
+        except UpstreamError as exc:
+            self._observe(target, _outcome_of(exc), None, began)
+            return exc
+        except TimeoutError:
+            self._observe(target, "timeout", None, began)
+            return UpstreamTimeoutError("the upstream did not answer before the deadline", phase="read")
+        except asyncio.CancelledError:
+            self._observe(target, "cancelled", None, began)
+            raise
+        return _Attempt(response, GateSlot(gate, policy.service), clock.monotonic() - began)
+
+    def _observe(self, target: Target, outcome: AttemptOutcome, status: int | None, began: float) -> None:
+        if self._observer is not None:
+            self._observer.attempt_finished(
+                target, outcome=outcome, status=status, latency=self._proxy._clock.monotonic() - began
+            )
+
+    async def _finish(self, target: Target, attempt: "_Attempt", outcome: AttemptOutcome) -> None:
+        try:
+            await attempt.response.aclose()
+        finally:
+            attempt.release()
+            if self._observer is not None:
+                self._observer.attempt_finished(
+                    target, outcome=outcome, status=attempt.response.status, latency=attempt.latency
+                )
+
+    async def _stream(self, target: Target, attempt: "_Attempt") -> None:
+        response = attempt.response
+        status = response.status
+        policy, send = self._policy, self._send
+        outcome: AttemptOutcome = "http_error" if status >= 500 else "success"
+        self._context.record(
+            "proxy",
+            "forwarded",
+            service=policy.service,
+            target=target.id,
+            retries=self._retries,
+            upstream_status=status,
+        )
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": self._proxy.response_headers(response.headers),
+                }
+            )
+            self._started = True
+            # One chunk of look-ahead, so the last chunk goes out with more_body=False in the same message.
+            pending: bytes | None = None
+            async for chunk in response.iter_raw():
+                if not chunk:
+                    continue
+                if pending is not None:
+                    await send({"type": "http.response.body", "body": pending, "more_body": True})
+                pending = chunk
+            message: Message = {"type": "http.response.body", "body": pending or b"", "more_body": False}
+            await send(message)
+        except UpstreamError as exc:
+            outcome = _outcome_of(exc)
+            self._context.record(
+                "proxy",
+                "error",
+                reason="aborted",
+                service=policy.service,
+                target=target.id,
+                retries=self._retries,
+                upstream_status=status,
+            )
+            logger.warning("upstream %s failed after the response started: %s", target.id, exc)
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            await self._finish(target, attempt, outcome)
+
+    async def _fail(self, target: Target, error: UpstreamError) -> None:
+        policy = self._policy
+        cause = _cause_of(error)
+        self._context.record(
+            "proxy",
+            "error",
+            reason=cause,
+            service=policy.service,
+            target=target.id,
+            retries=self._retries,
+            upstream_status=None,
+        )
+        if cause == "pool":
+            problem = Problem(503, f"no connection to service {policy.service!r} became free in time")
+            retry_after = self._proxy._retry_after
+            await send_problem(self._scope, self._send, problem, headers=retry_after, layer="proxy")
+            return
+        if cause == "timeout":
+            problem = Problem(504, f"service {policy.service!r} did not answer in time")
+        elif cause == "protocol":
+            problem = Problem(502, f"service {policy.service!r} sent an invalid response")
+        else:
+            problem = Problem(502, f"service {policy.service!r} could not be reached")
+        await send_problem(self._scope, self._send, problem, layer=None)
+
+    async def _no_target(self, last: Target | None) -> None:
+        policy = self._policy
+        self._context.record(
+            "proxy",
+            "error",
+            reason="no_target",
+            service=policy.service,
+            target=None if last is None else last.id,
+            retries=self._retries,
+            upstream_status=None,
+        )
+        problem = Problem(503, f"service {policy.service!r} has no available target")
+        await send_problem(self._scope, self._send, problem, headers=self._proxy._retry_after, layer="proxy")
+
+
+def _before_response(error: UpstreamError) -> bool:
+    """A broken connection before any response byte: safe to replay for an idempotent request."""
+    return isinstance(error, UpstreamDisconnectedError)
+
+
+def _cause_of(error: UpstreamError) -> _Cause:
+    if isinstance(error, UpstreamPoolExhaustedError):
+        return "pool"
+    if isinstance(error, UpstreamTimeoutError):
+        return "timeout"
+    if isinstance(error, UpstreamProtocolError):
+        return "protocol"
+    if isinstance(error, UpstreamConnectError):
+        return "connect"
+    return "disconnected"
+
+
+class _Attempt:
+    """An attempt whose response head arrived: the response, and the service gate slot it holds."""
+
+    __slots__ = ("latency", "release", "response")
+
+    def __init__(self, response: UpstreamResponse, slot: GateSlot, latency: float) -> None:
+        self.response = response
+        self.release = slot.release
+        self.latency = latency

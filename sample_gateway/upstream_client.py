@@ -1,0 +1,530 @@
+"""The data plane's upstream HTTP client: one small interface over aiohttp (the default) or httpx.
+
+The proxy never touches a client library directly: it asks an `UpstreamClient` to open one exchange and gets
+an `UpstreamResponse` whose body it streams as raw bytes. Both implementations share the same guarantees:
+HTTP/1.1 with keep-alive pooling, proxy settings from the environment ignored, redirects never followed,
+bodies never decompressed, no default headers added (no `User-Agent`, `Accept`, `Accept-Encoding`), and
+library exceptions translated into the `UpstreamError` hierarchy below so the proxy maps causes to statuses
+the same way whatever the client.
+
+aiohttp is the default because it measured about 10x httpx's throughput behind a minimal proxy on the same
+machine (see docs/performance.md); httpx stays selectable, and is the control plane's client.
+"""
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+from urllib.parse import urlsplit
+
+from nexus_middleware.errors import ConfigurationError, NexusError
+from nexus_middleware.headers import RawHeaders
+
+if TYPE_CHECKING:
+    import aiohttp
+    import httpx
+
+__all__ = [
+    "ClientKind",
+    "ConnectionGate",
+    "DEFAULT_CLIENT_KIND",
+    "GateSlot",
+    "Origin",
+    "UpstreamClient",
+    "UpstreamConnectError",
+    "UpstreamDisconnectedError",
+    "UpstreamError",
+    "UpstreamPoolExhaustedError",
+    "UpstreamProtocolError",
+    "UpstreamResponse",
+    "UpstreamTimeoutError",
+    "create_upstream_client",
+]
+
+ClientKind = Literal["aiohttp", "httpx"]
+DEFAULT_CLIENT_KIND: ClientKind = "aiohttp"
+
+
+class UpstreamError(NexusError):
+    """An upstream exchange failed. `sent` is False when the request surely never reached the upstream."""
+
+    sent: bool = True
+
+
+class UpstreamConnectError(UpstreamError):
+    """No connection could be made (refused, unreachable, DNS). Nothing was sent."""
+
+    sent = False
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """The upstream did not connect or answer in time. `phase` is "connect" (nothing sent) or "read"."""
+
+    def __init__(self, message: str, *, phase: Literal["connect", "read"]) -> None:
+        super().__init__(message)
+        self.phase = phase
+        self.sent = phase != "connect"
+
+
+class UpstreamPoolExhaustedError(UpstreamError):
+    """Every pooled connection stayed busy for the whole wait. Nothing was sent."""
+
+    sent = False
+
+
+class UpstreamDisconnectedError(UpstreamError):
+    """The connection broke (reset, closed early). The upstream may have received the request."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream answered with something that is not valid HTTP/1.1, or a body cut short."""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Scheme, host and port of a registered target: the only place an upstream URL's authority comes from."""
+
+    scheme: Literal["http", "https"]
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> "Origin":
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise ConfigurationError(f"target url {url!r}: the scheme must be http or https")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigurationError(f"target url {url!r}: credentials are not allowed in a target url")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigurationError(f"target url {url!r}: a target is scheme, host and port only")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigurationError(f"target url {url!r}: invalid port") from exc
+        if not parts.hostname:
+            raise ConfigurationError(f"target url {url!r}: no host")
+        scheme: Literal["http", "https"] = "https" if parts.scheme == "https" else "http"
+        return cls(scheme, parts.hostname, port or (443 if scheme == "https" else 80))
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+class UpstreamResponse(Protocol):
+    """An upstream response whose head has arrived; the body is read with `iter_raw()`, exactly once."""
+
+    status: int
+    headers: RawHeaders  # lower-case names, in order, transfer coding already removed from the body
+
+    def iter_raw(self) -> AsyncIterator[bytes]:
+        """The body bytes as received (still content-encoded). Raises `UpstreamError` on failure."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the connection: back to the pool when the body was read to its end, else closed."""
+        ...
+
+
+class UpstreamClient(Protocol):
+    """Opens exchanges with registered targets. Create one per process; `aclose()` it at shutdown."""
+
+    kind: ClientKind
+
+    async def open(
+        self,
+        method: str,
+        origin: Origin,
+        target: str,
+        headers: RawHeaders,
+        body: AsyncIterable[bytes] | bytes | None,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> UpstreamResponse:
+        """Send the request and wait for the response head. `target` is the encoded path and query.
+
+        `headers` are sent as given: the caller sets `host`, and `content-length` when the length is known
+        (else the body goes chunked). Waiting for a pooled connection counts against `connect_timeout`.
+        """
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class ConnectionGate:
+    """Bounds connections in use, in total and per origin; a wait past its timeout is pool exhaustion.
+
+    The client libraries' own pool waits cannot be told apart from a slow TCP connect, so the gate sits in
+    front of them and the libraries' limits are only a backstop.
+    """
+
+    __slots__ = ("_per_key", "_per_key_limit", "_total")
+
+    def __init__(self, max_connections: int, max_per_key: int = 0) -> None:
+        self._total = asyncio.Semaphore(max_connections) if max_connections > 0 else None
+        self._per_key_limit = max_per_key
+        self._per_key: dict[str, asyncio.Semaphore] = {}
+
+    async def acquire(self, key: str, wait: float) -> None:
+        """Take one slot for `key`; raises `UpstreamPoolExhaustedError` when none frees in `wait` s."""
+        per_key = None
+        if self._per_key_limit > 0:
+            per_key = self._per_key.get(key)
+            if per_key is None:
+                per_key = self._per_key[key] = asyncio.Semaphore(self._per_key_limit)
+        taken: list[asyncio.Semaphore] = []
+        try:
+            async with asyncio.timeout(wait):
+                for semaphore in (self._total, per_key):
+                    if semaphore is not None:
+                        await semaphore.acquire()
+                        taken.append(semaphore)
+        except TimeoutError:
+            for semaphore in taken:
+                semaphore.release()
+            raise UpstreamPoolExhaustedError("no upstream connection became free in time") from None
+        except BaseException:
+            for semaphore in taken:
+                semaphore.release()
+            raise
+
+    def release(self, key: str) -> None:
+        if self._total is not None:
+            self._total.release()
+        per_key = self._per_key.get(key)
+        if per_key is not None:
+            per_key.release()
+
+
+def create_upstream_client(
+    kind: ClientKind = DEFAULT_CLIENT_KIND,
+    *,
+    max_connections: int = 100,
+    max_connections_per_host: int = 0,
+    keepalive_expiry: float = 30.0,
+) -> UpstreamClient:
+    """The data plane's client. No I/O here: the library session is created on first use, in the loop."""
+    if max_connections <= 0:
+        raise ConfigurationError("max_connections must be positive")
+    if max_connections_per_host < 0:
+        raise ConfigurationError("max_connections_per_host must be zero (no limit) or more")
+    if keepalive_expiry < 0:
+        raise ConfigurationError("keepalive_expiry must be zero or more")
+    if kind == "aiohttp":
+        return _AiohttpClient(max_connections, max_connections_per_host, keepalive_expiry)
+    if kind == "httpx":
+        return _HttpxClient(max_connections, max_connections_per_host, keepalive_expiry)
+    raise ConfigurationError(f"kind must be 'aiohttp' or 'httpx', not {kind!r}")
+
+
+class GateSlot:
+    """One slot taken from a `ConnectionGate`, released exactly once however often `release()` is called."""
+
+    __slots__ = ("_gate", "_key", "_released")
+
+    def __init__(self, gate: ConnectionGate, key: str) -> None:
+        self._gate = gate
+        self._key = key
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._gate.release(self._key)
+
+
+class _GatedResponse:
+    """Common part of both responses: the head, and the gate slot held until the response is closed."""
+
+    __slots__ = ("_slot", "headers", "status")
+
+    def __init__(self, gate: ConnectionGate, key: str, status: int, headers: RawHeaders) -> None:
+        self._slot = GateSlot(gate, key)
+        self.status = status
+        self.headers = headers
+
+
+class _BaseClient:
+    kind: ClientKind
+
+    def __init__(self, max_connections: int, max_per_host: int, keepalive_expiry: float) -> None:
+        self._max_connections = max_connections
+        self._max_per_host = max_per_host
+        self._keepalive_expiry = keepalive_expiry
+        self._gate = ConnectionGate(max_connections, max_per_host)
+
+    def __repr__(self) -> str:
+        return (
+            f"UpstreamClient(kind={self.kind!r}, max_connections={self._max_connections}, "
+            f"max_connections_per_host={self._max_per_host}, keepalive_expiry={self._keepalive_expiry})"
+        )
+
+
+# --- aiohttp ---
+
+
+class _AiohttpResponse(_GatedResponse):
+    __slots__ = ("_done", "_response")
+
+    def __init__(self, gate: ConnectionGate, key: str, response: "aiohttp.ClientResponse") -> None:
+        super().__init__(
+            gate, key, response.status, [(name.lower(), value) for name, value in response.raw_headers]
+        )
+        self._response = response
+        self._done = False
+
+    async def iter_raw(self) -> AsyncIterator[bytes]:
+        import aiohttp
+
+        content = self._response.content
+        try:
+            while True:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                yield chunk
+        except aiohttp.ClientError as exc:
+            raise _aiohttp_error(exc) from exc
+        except TimeoutError as exc:
+            raise UpstreamTimeoutError("the upstream stopped sending", phase="read") from exc
+        self._done = True
+
+    async def aclose(self) -> None:
+        try:
+            if self._done:
+                self._response.release()
+            else:
+                self._response.close()  # a half-read connection can never be reused
+        finally:
+            self._slot.release()
+
+
+def _aiohttp_error(exc: BaseException) -> UpstreamError:
+    import aiohttp
+
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return UpstreamTimeoutError(f"connecting to the upstream timed out: {exc}", phase="connect")
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return UpstreamTimeoutError(f"the upstream did not answer in time: {exc}", phase="read")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamConnectError(f"cannot connect to the upstream: {exc.os_error}")
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        return UpstreamProtocolError(f"invalid upstream response: {exc}")
+    return UpstreamDisconnectedError(f"the upstream connection broke: {exc!r}")
+
+
+class _AiohttpClient(_BaseClient):
+    kind: ClientKind = "aiohttp"
+
+    def __init__(self, max_connections: int, max_per_host: int, keepalive_expiry: float) -> None:
+        super().__init__(max_connections, max_per_host, keepalive_expiry)
+        self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
+
+    def _get_session(self) -> "aiohttp.ClientSession":
+        if self._session is None:
+            import aiohttp
+
+            connector = aiohttp.TCPConnector(
+                limit=self._max_connections,
+                limit_per_host=self._max_per_host,
+                keepalive_timeout=self._keepalive_expiry,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,
+                trust_env=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                version=aiohttp.HttpVersion11,
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+        return self._session
+
+    def _timeout(self, connect: float, read: float) -> "aiohttp.ClientTimeout":
+        timeout = self._timeouts.get((connect, read))
+        if timeout is None:
+            import aiohttp
+
+            if len(self._timeouts) > 256:  # routes have few distinct pairs; never grow without bound
+                self._timeouts.clear()
+            timeout = self._timeouts[(connect, read)] = aiohttp.ClientTimeout(
+                total=None, sock_connect=connect, sock_read=read
+            )
+        return timeout
+
+    async def open(
+        self,
+        method: str,
+        origin: Origin,
+        target: str,
+        headers: RawHeaders,
+        body: AsyncIterable[bytes] | bytes | None,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> UpstreamResponse:
+        import aiohttp
+        from yarl import URL
+
+        session = self._get_session()
+        path, _, query = target.partition("?")
+        url = URL.build(
+            scheme=origin.scheme,
+            host=origin.host,
+            port=origin.port,
+            path=path,
+            query_string=query,
+            encoded=True,
+        )
+        key = origin.netloc
+        await self._gate.acquire(key, connect_timeout)
+        try:
+            response = await session.request(
+                method,
+                url,
+                headers=[(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers],
+                data=body,
+                allow_redirects=False,
+                timeout=self._timeout(connect_timeout, read_timeout),
+                auto_decompress=False,
+                compress=None,
+            )
+        except aiohttp.ClientError as exc:
+            self._gate.release(key)
+            raise _aiohttp_error(exc) from exc
+        except TimeoutError as exc:
+            self._gate.release(key)
+            raise UpstreamTimeoutError("the upstream did not answer in time", phase="read") from exc
+        except BaseException:
+            self._gate.release(key)
+            raise
+        return _AiohttpResponse(self._gate, key, response)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+
+# --- httpx ---
+
+
+class _HttpxResponse(_GatedResponse):
+    __slots__ = ("_response",)
+
+    def __init__(self, gate: ConnectionGate, key: str, response: "httpx.Response") -> None:
+        super().__init__(
+            gate, key, response.status_code, [(name.lower(), value) for name, value in response.headers.raw]
+        )
+        self._response = response
+
+    async def iter_raw(self) -> AsyncIterator[bytes]:
+        import httpx
+
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.TransportError as exc:
+            raise _httpx_error(exc) from exc
+
+    async def aclose(self) -> None:
+        try:
+            await self._response.aclose()
+        finally:
+            self._slot.release()
+
+
+def _httpx_error(exc: BaseException) -> UpstreamError:
+    import httpx
+
+    if isinstance(exc, httpx.ConnectTimeout):
+        return UpstreamTimeoutError(f"connecting to the upstream timed out: {exc}", phase="connect")
+    if isinstance(exc, httpx.PoolTimeout):
+        return UpstreamPoolExhaustedError(f"no upstream connection became free in time: {exc}")
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeoutError(f"the upstream did not answer in time: {exc}", phase="read")
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamConnectError(f"cannot connect to the upstream: {exc}")
+    if isinstance(exc, httpx.ProtocolError | httpx.DecodingError):
+        return UpstreamProtocolError(f"invalid upstream response: {exc}")
+    return UpstreamDisconnectedError(f"the upstream connection broke: {exc!r}")
+
+
+class _HttpxClient(_BaseClient):
+    kind: ClientKind = "httpx"
+
+    def __init__(self, max_connections: int, max_per_host: int, keepalive_expiry: float) -> None:
+        super().__init__(max_connections, max_per_host, keepalive_expiry)
+        self._client: httpx.AsyncClient | None = None
+        self._timeouts: dict[tuple[float, float], dict[str, Any]] = {}
+
+    def _get_client(self) -> "httpx.AsyncClient":
+        if self._client is None:
+            import httpx
+
+            limits = httpx.Limits(
+                max_connections=self._max_connections,
+                max_keepalive_connections=self._max_connections,
+                keepalive_expiry=self._keepalive_expiry,
+            )
+            transport = httpx.AsyncHTTPTransport(limits=limits, http1=True, http2=False, trust_env=False)
+            self._client = httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False)
+        return self._client
+
+    def _timeout(self, connect: float, read: float) -> dict[str, Any]:
+        timeout = self._timeouts.get((connect, read))
+        if timeout is None:
+            if len(self._timeouts) > 256:
+                self._timeouts.clear()
+            # The gate already bounded the pool wait; httpx's own pool timeout is a backstop.
+            timeout = self._timeouts[(connect, read)] = {
+                "connect": connect,
+                "read": read,
+                "write": read,
+                "pool": connect,
+            }
+        return timeout
+
+    async def open(
+        self,
+        method: str,
+        origin: Origin,
+        target: str,
+        headers: RawHeaders,
+        body: AsyncIterable[bytes] | bytes | None,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> UpstreamResponse:
+        import httpx
+
+        client = self._get_client()
+        url = httpx.URL(scheme=origin.scheme, host=origin.host, port=origin.port, raw_path=target.encode())
+        # A Request built directly, not with client.build_request: the client's default headers stay out.
+        request = httpx.Request(
+            method,
+            url,
+            headers=headers,
+            content=body,
+            extensions={"timeout": self._timeout(connect_timeout, read_timeout)},
+        )
+        key = origin.netloc
+        await self._gate.acquire(key, connect_timeout)
+        try:
+            response = await client.send(request, stream=True, follow_redirects=False)
+        except httpx.TransportError as exc:
+            self._gate.release(key)
+            raise _httpx_error(exc) from exc
+        except BaseException:
+            self._gate.release(key)
+            raise
+        return _HttpxResponse(self._gate, key, response)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
