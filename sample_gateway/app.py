@@ -12,7 +12,6 @@ tables, selectors, policies); a request does one route lookup and one balancer p
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -26,8 +25,10 @@ from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 from sample_gateway.config import GatewayConfig, config_path_from_environment, load_config, parse_config
 from sample_gateway.contracts import AttemptObserver, TargetSelector, UpstreamPolicy
 from sample_gateway.health import ActiveHealthChecker
+from sample_gateway.proxy import ReverseProxy
 from sample_gateway.routing import NoRoute
 from sample_gateway.runtime import GatewayRuntime
+from sample_gateway.upstream_client import UpstreamClient, create_upstream_client
 
 __all__ = [
     "Forwarder",
@@ -59,30 +60,24 @@ class Forwarder(Protocol):
     ) -> None: ...
 
 
-class _UpstreamClient(Protocol):
-    async def aclose(self) -> None: ...
-
-
-def _default_data_plane(runtime: GatewayRuntime) -> tuple[Forwarder, _UpstreamClient]:
+def _default_data_plane(runtime: GatewayRuntime) -> tuple[Forwarder, UpstreamClient]:
     config = runtime.config
-    upstream_client = importlib.import_module("sample_gateway.upstream_client")
-    proxy = importlib.import_module("sample_gateway.proxy")
     pools = [service.pool for service in config.services]
-    client = upstream_client.create_upstream_client(
+    client = create_upstream_client(
         config.upstream_client,
         max_connections=max([100, *(pool.max_connections for pool in pools)]),
         max_connections_per_host=max([0, *(pool.max_connections_per_host for pool in pools)]),
         keepalive_expiry=min([30.0, *(pool.keepalive_expiry for pool in pools)]),
     )
-    forwarder = proxy.ReverseProxy(client=client, client_resolver=runtime.resolver, clock=runtime.clock)
-    return forwarder, client
+    return ReverseProxy(client=client, client_resolver=runtime.resolver, clock=runtime.clock), client
 
 
-DataPlaneFactory = Callable[[GatewayRuntime], tuple[Forwarder, _UpstreamClient]]
+DataPlaneFactory = Callable[[GatewayRuntime], tuple[Forwarder, UpstreamClient]]
 
 _NOT_FOUND = Problem(404, "No route matches this request.")
 _NOT_STARTED = Problem(503, "The gateway is starting.")
 _BAD_PATH = Problem(400, "The request path is not valid.")
+_NO_WEBSOCKET = Problem(501, "The gateway does not proxy websockets yet.")
 
 
 class GatewayApp:
@@ -112,6 +107,9 @@ class GatewayApp:
         match = self.runtime.router.resolve(scope, path)
         if isinstance(match, NoRoute):
             await _refuse(scope, send, match)
+            return
+        if scope["type"] == "websocket":
+            await send_problem(scope, send, _NO_WEBSOCKET, layer="gateway")  # refused before accept
             return
         forwarder = self._forwarder
         if forwarder is None:

@@ -41,7 +41,15 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _server(app: ASGIApp, *, log_level: str, primary: bool) -> uvicorn.Server:
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on" if primary else "auto", access_log=False)
+    # The gateway forwards the upstream's own Server and Date headers; uvicorn must not add a second pair.
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        lifespan="on" if primary else "auto",
+        access_log=False,
+        server_header=False,
+        date_header=not primary,
+    )
     return uvicorn.Server(config) if primary else _SecondaryServer(config)
 
 
@@ -113,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             lifespan="on",
             log_level=args.log_level,
             access_log=False,
+            server_header=False,
+            date_header=False,
         )
         return 0
     return _run_config(config, args.config, host, port, args.log_level)

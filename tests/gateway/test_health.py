@@ -1,5 +1,6 @@
 """Health: passive outlier detection on a manual clock, active checks against real upstreams on loopback."""
 
+import contextlib
 from typing import Any
 
 import httpx
@@ -130,9 +131,12 @@ async def test_active_checks_against_real_upstreams(manual_clock: ManualClock) -
     tracker = HealthTracker(clock=manual_clock)
     policy = ActiveCheckPolicy(path="/healthz", timeout=2.0, healthy_threshold=2, unhealthy_threshold=2)
     bad_policy = ActiveCheckPolicy(path="/status/503", timeout=2.0, unhealthy_threshold=1)
-    async with serve(UpstreamApp(name="a")) as url_a, httpx.AsyncClient(trust_env=False) as client:
-        server_b = serve(UpstreamApp(name="b"))
-        url_b = await server_b.__aenter__()
+    async with (
+        serve(UpstreamApp(name="a")) as url_a,
+        httpx.AsyncClient(trust_env=False) as client,
+        contextlib.AsyncExitStack() as server_b,
+    ):
+        url_b = await server_b.enter_async_context(serve(UpstreamApp(name="b")))
         try:
             a, b = Target(id="a", url=url_a), Target(id="b", url=url_b)
             tracker.sync({"svc": [a, b], "bad": [Target(id="c", url=url_a)]}, {})
@@ -142,7 +146,7 @@ async def test_active_checks_against_real_upstreams(manual_clock: ManualClock) -
             assert ids(tracker.service("svc").healthy()) == ["a", "b"]
             assert tracker.service("bad").healthy() == ()  # a 503 health endpoint
         finally:
-            await server_b.__aexit__(None, None, None)
+            await server_b.aclose()
         # b is killed: two failed rounds mark it unhealthy, traffic goes to a only.
         await checker.check_service("svc")
         assert ids(tracker.service("svc").healthy()) == ["a", "b"]
