@@ -37,6 +37,7 @@ from nexus_middleware.paths import PathPattern
 
 __all__ = [
     "AdminConfig",
+    "AdminListenConfig",
     "ApiKeySourceConfig",
     "AuthConfig",
     "BreakerConfig",
@@ -99,6 +100,11 @@ class _Model(BaseModel):
 class ListenConfig(_Model):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
+
+
+class AdminListenConfig(_Model):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 9901
 
 
 class TargetConfig(_Model):
@@ -367,7 +373,7 @@ class StorageConfig(_Model):
 class AdminConfig(_Model):
     enabled: bool = True
     prefix: str = "/_admin"  # on the main listener, unless `listen` gives the admin its own listener
-    listen: ListenConfig | None = None
+    listen: AdminListenConfig | None = None
     api_keys: list[SecretStr] = Field(default_factory=list)
     roles: list[str] = Field(default_factory=lambda: ["gateway-admin"])  # a JWT principal with one of them
 

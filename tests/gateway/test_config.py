@@ -1,11 +1,19 @@
 """Config validation: every problem names its key path; env overrides; the shipped example validates."""
 
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
-from sample_gateway.config import GatewayConfigError, load_config, parse_config, parse_config_text
+from sample_gateway.config import (
+    GatewayConfig,
+    GatewayConfigError,
+    load_config,
+    parse_config,
+    parse_config_text,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -202,3 +210,37 @@ def test_load_config_reads_the_process_environment(tmp_path: Path, monkeypatch: 
     path.write_text("listen: {port: 8000}\nadmin: {api_keys: [k]}\n")
     monkeypatch.setenv("NEXUS__LISTEN__PORT", "9100")
     assert load_config(path).listen.port == 9100
+
+
+def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        nested = len(keys)
+        for candidate in (field.annotation, *_flatten(field.annotation)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                origin = typing.get_origin(field.annotation)
+                text = str(field.annotation)
+                if text.startswith("dict"):
+                    keys.extend(_keys(candidate, key + ".<name>."))
+                elif text.startswith("list") or origin is list:
+                    keys.extend(_keys(candidate, key + "[]."))
+                else:
+                    keys.extend(_keys(candidate, key + "."))
+        if len(keys) == nested:
+            keys.append(key)  # a leaf: sections are documented through their keys
+    return keys
+
+
+def _flatten(annotation: Any) -> list[Any]:
+    found = []
+    for argument in typing.get_args(annotation):
+        found.append(argument)
+        found.extend(_flatten(argument))
+    return found
+
+
+def test_the_reference_documents_every_key() -> None:
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [key for key in _keys(GatewayConfig) if f"`{key}`" not in reference]
+    assert missing == []
