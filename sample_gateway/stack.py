@@ -78,9 +78,10 @@ def _security_headers(app: ASGIApp, config: GatewayConfig, runtime: GatewayRunti
 
 def _body_limit(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
     middleware = _middleware("BodySizeLimitMiddleware")
-    if middleware is None or config.security.max_body_size is None:
+    routes = [entry for entry in route_table(config, "max_body_size") if entry[2] is not None]
+    if middleware is None or (config.security.max_body_size is None and not routes):
         return None
-    return middleware(app, max_body_size=config.security.max_body_size)  # type: ignore[no-any-return]
+    return middleware(app, max_body_size=config.security.max_body_size, route_limits=routes or None)  # type: ignore[no-any-return]
 
 
 def _auth(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
