@@ -303,6 +303,8 @@ class RouteConfig(_Model):
             raise ValueError(f"unknown HTTP methods {unknown}")
         if not upper:
             raise ValueError("must list at least one method (omit the key for every method)")
+        if "GET" in upper and "HEAD" not in upper:
+            upper.append("HEAD")  # as Starlette does: a GET route answers HEAD
         return upper
 
     @field_validator("host")

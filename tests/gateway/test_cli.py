@@ -145,3 +145,25 @@ def test_check_validates_the_example() -> None:
     )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().strip() == "examples/gateway.yaml: valid (4 services, 4 routes)"
+
+
+async def test_several_workers_serve_one_config(tmp_path: Path, upstream: Upstream) -> None:
+    port = free_port()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "services": [{"name": "echo", "targets": [{"url": upstream.url}]}],
+                "routes": [{"path": "/*", "service": "echo"}],
+                "admin": {"api_keys": ["k1"]},
+            }
+        )
+    )
+    base = f"http://127.0.0.1:{port}"
+    async with gateway_process("--config", str(path), "--port", str(port), "--workers", "2") as process:
+        await wait_until_up(process, base)
+        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+            responses = [await http.get(f"/w/{index}") for index in range(6)]
+            ready = await http.get("/readyz")
+    assert [response.json()["path"] for response in responses] == [f"/w/{index}" for index in range(6)]
+    assert ready.status_code == 200

@@ -68,7 +68,7 @@ async def test_round_robin_probes_and_routing(client_kind: str) -> None:
             echoed = (await http.get("/api/users/7?x=1")).json()
             assert (echoed["path"], echoed["query_string"]) == ("/users/7", "x=1")  # prefix stripped
             not_allowed = await http.put("/items/3")
-            assert not_allowed.status_code == 405 and not_allowed.headers["allow"] == "GET"
+            assert not_allowed.status_code == 405 and not_allowed.headers["allow"] == "GET, HEAD"
             assert not_allowed.headers["content-type"] == "application/problem+json"
             missing = await http.get("/elsewhere")
             assert missing.status_code == 404 and missing.json()["title"] == "Not Found"

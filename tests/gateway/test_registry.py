@@ -98,3 +98,19 @@ def test_build_target_validates_like_the_config(body: dict[str, Any], problem: s
 def test_build_target_defaults() -> None:
     target = build_target({"url": "https://h", "tags": ["a"]})
     assert (target.id, target.url, target.weight, target.tags) == ("h:443", "https://h", 1, frozenset({"a"}))
+
+
+async def test_two_gateway_instances_share_registrations_through_redis(
+    redis_client: Any, redis_prefix: str
+) -> None:
+    from sample_gateway.runtime import GatewayRuntime
+
+    first = GatewayRuntime(config(), registry_store=RedisRegistryStore(redis_client, prefix=redis_prefix))
+    second = GatewayRuntime(config(), registry_store=RedisRegistryStore(redis_client, prefix=redis_prefix))
+    await first.registry.register("users", Target(id="shared", url="http://127.0.0.1:9030", version="v1"))
+    first.sync_targets()
+    await second.refresh_registry()
+    assert [t.id for t in second.tracker.service("users").healthy()] == ["u1", "shared"]
+    await second.registry.deregister("users", "shared")
+    await first.refresh_registry()
+    assert [t.id for t in first.tracker.service("users").healthy()] == ["u1"]

@@ -117,8 +117,8 @@ def test_route_matrix(
 @pytest.mark.parametrize(
     ("path", "method", "status", "allow"),
     [
-        ("/api/users/42", "PUT", 405, {"GET", "POST", "DELETE"}),
-        ("/api/orders/7", "POST", 405, {"GET"}),
+        ("/api/users/42", "PUT", 405, {"GET", "HEAD", "POST", "DELETE"}),
+        ("/api/orders/7", "POST", 405, {"GET", "HEAD"}),
         ("/api/orders/seven", "GET", 404, set()),
         ("/nothing", "GET", 404, set()),
     ],
@@ -127,6 +127,11 @@ def test_no_route(path: str, method: str, status: int, allow: set[str]) -> None:
     result = resolve(runtime(), path, method)
     assert isinstance(result, NoRoute)
     assert (result.status, set(result.allow)) == (status, allow)
+
+
+def test_get_implies_head() -> None:
+    match = resolve(runtime(), "/api/orders/7", "HEAD")
+    assert isinstance(match, RouteMatch) and match.route.name == "orders"
 
 
 def test_route_policy_timeout_and_preserve_host() -> None:
