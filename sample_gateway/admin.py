@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from nexus_middleware.context import peek_context
-from nexus_middleware.errors import ConfigurationError, InvalidPathError
+from nexus_middleware.errors import ConfigurationError, InvalidPathError, StorageError
 from nexus_middleware.headers import get_header
 from nexus_middleware.paths import RouteTable, request_path
 from nexus_middleware.problem import Problem, send_problem
@@ -51,6 +51,7 @@ MAX_BODY = 1024 * 1024
 RESTART_KEYS = ("listen", "admin", "security", "auth", "rate_limits", "metrics", "storage", "upstream_client")
 
 _UNAUTHORIZED = Problem(401, "An admin credential is required.")
+_STORE_DOWN = Problem(503, "The registry store is unavailable; try again.")
 _NO_WEBSOCKET = Problem(404, "The admin API has no websocket.")
 _CHALLENGE = [(b"www-authenticate", b'Bearer realm="nexus-admin"')]
 
@@ -217,6 +218,8 @@ class AdminApp:
             raise _Refusal(Problem(404, f"No service named {request.params['name']!r}.")) from None
         except TargetConflictError as exc:
             raise _Refusal(Problem(409, str(exc))) from None
+        except StorageError:
+            raise _Refusal(_STORE_DOWN) from None
         except ConfigurationError as exc:
             raise _Refusal(Problem(400, str(exc))) from None
         self.runtime.sync_targets()
@@ -230,6 +233,8 @@ class AdminApp:
             raise _Refusal(Problem(404, f"No service named {name!r}.")) from None
         except TargetConflictError as exc:
             raise _Refusal(Problem(409, str(exc))) from None
+        except StorageError:
+            raise _Refusal(_STORE_DOWN) from None
         if not removed:
             raise _Refusal(Problem(404, f"No dynamic target {target_id!r} in {name!r}."))
         self.runtime.sync_targets()

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from nexus_middleware.context import get_context
-from nexus_middleware.errors import InvalidPathError
+from nexus_middleware.errors import InvalidPathError, StorageError
 from nexus_middleware.paths import request_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
@@ -139,7 +139,10 @@ class GatewayApp:
         self._closers.append(runtime.registry.aclose)
         checker = ActiveHealthChecker(runtime.tracker, runtime.check_policies, client=health_client)
         runtime.checker = checker
-        await runtime.refresh_registry()
+        try:
+            await runtime.refresh_registry()
+        except StorageError as exc:  # serve the config's targets; the refresh task keeps trying
+            logger.warning("the registry store is unavailable at start-up: %s", exc)
         self._tasks.append(asyncio.create_task(checker.run(), name="nexus-health-checks"))
         self._tasks.append(asyncio.create_task(self._refresh_registry(), name="nexus-registry-refresh"))
         self._forwarder = forwarder

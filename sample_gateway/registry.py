@@ -10,11 +10,11 @@ something changed, and `generation` tells the health tracker and selectors to re
 """
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
-from nexus_middleware.errors import ConfigurationError
+from nexus_middleware.errors import ConfigurationError, StorageUnavailableError
 from sample_gateway.contracts import Target
 
 if TYPE_CHECKING:
@@ -131,14 +131,14 @@ class RedisRegistryStore:
 
     async def put(self, service: str, target: Target) -> None:
         value = json.dumps({"service": service, **target_to_dict(target)})
-        await self._client.hset(self._key, self._field(service, target.id), value)
+        await self._call(self._client.hset(self._key, self._field(service, target.id), value))
 
     async def remove(self, service: str, target_id: str) -> bool:
-        removed = await self._client.hdel(self._key, self._field(service, target_id))
+        removed = await self._call(self._client.hdel(self._key, self._field(service, target_id)))
         return bool(removed)
 
     async def load(self) -> dict[str, list[Target]]:
-        raw = await self._client.hgetall(self._key)
+        raw = await self._call(self._client.hgetall(self._key))
         result: dict[str, list[Target]] = {}
         for value in raw.values():
             data = json.loads(value)
@@ -150,6 +150,15 @@ class RedisRegistryStore:
     async def aclose(self) -> None:
         if self._owns_client:
             await self._client.aclose()
+
+    @staticmethod
+    async def _call(pending: Awaitable[Any]) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            return await pending
+        except (RedisError, OSError) as exc:
+            raise StorageUnavailableError(f"the registry store failed: {exc}") from exc
 
 
 def registry_store_from_url(url: str, *, prefix: str = "nexus:") -> RegistryStore:

@@ -13,7 +13,7 @@ import pytest
 from sample_gateway.app import create_app
 from sample_gateway.config import parse_config
 from tests.support.asgi import make_scope, run_asgi
-from tests.support.servers import serve
+from tests.support.servers import free_port, serve
 from tests.support.upstream import UpstreamApp
 
 pytestmark = pytest.mark.e2e
@@ -149,3 +149,20 @@ async def test_benchmark_factory_serves_through_the_default_stack() -> None:
             response = await http.get("/anything?q=1")
         assert response.status_code == 200 and response.json()["path"] == "/anything"
         assert app.received == [("GET", "/anything")]
+
+
+async def test_a_registry_store_outage_keeps_the_config_targets_serving() -> None:
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    async with upstream("a") as (url_a, _):
+        settings = config([url_a]).model_dump(mode="json")
+        settings["storage"]["registry"] = dead_redis
+        settings["admin"]["api_keys"] = [KEY]
+        gateway = create_app(parse_config(settings))
+        async with serve(gateway, lifespan="on") as base, httpx.AsyncClient(base_url=base) as http:
+            assert (await http.get("/api/x")).json()["name"] == "a"
+            register = await http.post(
+                "/_admin/services/echo/targets", headers=AUTH, json={"url": "http://127.0.0.1:1", "id": "x"}
+            )
+            deregister = await http.delete("/_admin/services/echo/targets/x", headers=AUTH)
+    assert register.status_code == 503 and register.headers["content-type"] == "application/problem+json"
+    assert deregister.status_code == 503
