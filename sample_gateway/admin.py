@@ -48,7 +48,17 @@ __all__ = ["AdminApp"]
 
 MAX_BODY = 1024 * 1024
 # Keys whose change only takes effect at the next start (they shape listeners and the middleware stack).
-RESTART_KEYS = ("listen", "admin", "security", "auth", "rate_limits", "metrics", "storage", "upstream_client")
+RESTART_KEYS = (
+    "listen",
+    "admin",
+    "security",
+    "auth",
+    "rate_limits",
+    "metrics",
+    "storage",
+    "upstream_client",
+    "trusted_proxies",
+)
 
 _UNAUTHORIZED = Problem(401, "An admin credential is required.")
 _STORE_DOWN = Problem(503, "The registry store is unavailable; try again.")

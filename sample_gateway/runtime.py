@@ -82,6 +82,9 @@ class GatewayRuntime:
             store = registry_store_from_url(config.storage.uri_for("registry"), prefix=config.storage.prefix)
         self.registry = Registry.from_config(config, store=store)
         self.tracker = HealthTracker(clock=clock)
+        # Fixed for the process: the proxy and the middlewares hold it from start-up (a reload reports
+        # `trusted_proxies` as needing a restart rather than trusting different peers in different layers).
+        self.resolver = ClientAddressResolver(trusted_proxies=config.trusted_proxies)
         self.config_source = config_source  # re-reads the config file for an admin reload without a body
         self.started = False
         self.checker: ActiveHealthChecker | None = None  # set by the app's lifespan
@@ -93,7 +96,6 @@ class GatewayRuntime:
         return f"GatewayRuntime(services={self.registry.services()}, routes={len(self.router.routes)})"
 
     def _apply(self, config: GatewayConfig) -> None:
-        self.resolver = ClientAddressResolver(trusted_proxies=config.trusted_proxies)
         self.registry.replace_static(static_targets(config))
         services = {service.name: service for service in config.services}
         self.tracker.sync(
