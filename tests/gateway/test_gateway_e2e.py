@@ -4,7 +4,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -19,6 +19,7 @@ from tests.support.upstream import UpstreamApp
 pytestmark = pytest.mark.e2e
 
 KEY = "e2e-admin-key"
+HASH_ON_USER = {"strategy": "consistent_hash", "hash_on": "header", "hash_key": "x-user"}
 AUTH = {"authorization": f"Bearer {KEY}"}
 
 
@@ -166,3 +167,40 @@ async def test_a_registry_store_outage_keeps_the_config_targets_serving() -> Non
             deregister = await http.delete("/_admin/services/echo/targets/x", headers=AUTH)
     assert register.status_code == 503 and register.headers["content-type"] == "application/problem+json"
     assert deregister.status_code == 503
+
+
+STRATEGIES: list[tuple[dict[str, Any], tuple[int, int], str | None, Callable[[Counter[str]], bool]]] = [
+    ({"strategy": "round_robin"}, (3, 1), None, lambda counts: counts == {"a": 10, "b": 10}),
+    ({"strategy": "weighted_round_robin"}, (3, 1), None, lambda counts: counts == {"a": 15, "b": 5}),
+    ({"strategy": "least_connections"}, (1, 1), None, lambda counts: counts == {"a": 10, "b": 10}),
+    # One user always reaches the same target; many users reach both.
+    (HASH_ON_USER, (1, 1), "same", lambda counts: len(counts) == 1 and sum(counts.values()) == 20),
+    (HASH_ON_USER, (1, 1), "varied", lambda counts: set(counts) == {"a", "b"}),
+    ({"strategy": "power_of_two"}, (1, 1), None, lambda counts: set(counts) == {"a", "b"}),
+]
+
+
+@pytest.mark.parametrize(("load_balancing", "weights", "user", "check"), STRATEGIES)
+async def test_each_strategy_distributes_real_traffic(
+    load_balancing: dict[str, Any],
+    weights: tuple[int, int],
+    user: str | None,
+    check: Callable[[Counter[str]], bool],
+) -> None:
+    async with upstream("a") as (url_a, _), upstream("b") as (url_b, _):
+        settings = config([url_a, url_b]).model_dump(mode="json")
+        settings["admin"]["api_keys"] = [KEY]
+        service = settings["services"][0]
+        service["load_balancing"] = load_balancing
+        for target, weight in zip(service["targets"], weights, strict=True):
+            target["weight"] = weight
+        gateway = create_app(parse_config(settings))
+        async with serve(gateway, lifespan="on") as base, httpx.AsyncClient(base_url=base) as http:
+            names = []
+            for index in range(20):
+                headers = {} if user is None else {"x-user": user if user == "same" else f"user-{index}"}
+                response = await http.get("/api/x", headers=headers)
+                assert response.status_code == 200
+                names.append(response.json()["name"])
+    counts = Counter(names)
+    assert check(counts), counts
