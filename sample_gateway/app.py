@@ -65,7 +65,8 @@ def _default_data_plane(runtime: GatewayRuntime) -> tuple[Forwarder, UpstreamCli
     pools = [service.pool for service in config.services]
     client = create_upstream_client(
         config.upstream_client,
-        max_connections=max([100, *(pool.max_connections for pool in pools)]),
+        # Each service has its own gate of pool.max_connections in the proxy; the client holds them all.
+        max_connections=max(100, sum(pool.max_connections for pool in pools)),
         max_connections_per_host=max([0, *(pool.max_connections_per_host for pool in pools)]),
         keepalive_expiry=min([30.0, *(pool.keepalive_expiry for pool in pools)]),
     )
