@@ -244,3 +244,19 @@ def test_the_reference_documents_every_key() -> None:
     reference = (ROOT / "docs" / "configuration.md").read_text()
     missing = [key for key in _keys(GatewayConfig) if f"`{key}`" not in reference]
     assert missing == []
+
+
+def test_the_kubernetes_manifests_carry_a_valid_config_and_the_probes() -> None:
+    import yaml
+
+    documents = list(yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text()))
+    by_kind = {document["kind"]: document for document in documents}
+    embedded = by_kind["ConfigMap"]["data"]["gateway.yaml"]
+    config = parse_config_text(embedded, environ={"NEXUS__ADMIN__API_KEYS": "[from-the-secret]"})
+    assert config.admin.api_keys[0].get_secret_value() == "from-the-secret"
+    (container,) = by_kind["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["env"][0]["name"] == "NEXUS__ADMIN__API_KEYS"
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["python", "-m", "sample_gateway"]' in dockerfile
