@@ -112,6 +112,8 @@ class ClientAddressResolver:
 
     def trusts_peer(self, scope: Scope) -> bool:
         """True when the TCP peer is a trusted proxy, so the forwarding headers it sent are believed."""
+        if self._hops is None and not (self._networks or self._trust_all):
+            return False  # nothing is trusted: no need to parse the peer (this runs once per request)
         client = scope.get("client")
         peer = _parse_ip(client[0]) if client else None
         if peer is None:

@@ -13,7 +13,7 @@ machine (see docs/performance.md); httpx stays selectable, and is the control pl
 
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -101,16 +101,23 @@ class Origin:
             port = parts.port
         except ValueError as exc:
             raise ConfigurationError(f"target url {url!r}: invalid port") from exc
-        if not parts.hostname:
+        hostname = parts.hostname
+        if not hostname:
             raise ConfigurationError(f"target url {url!r}: no host")
+        if not hostname.isascii():
+            try:
+                hostname = hostname.encode("idna").decode("ascii")
+            except UnicodeError as exc:
+                raise ConfigurationError(f"target url {url!r}: invalid host name") from exc
         scheme: Literal["http", "https"] = "https" if parts.scheme == "https" else "http"
-        return cls(scheme, parts.hostname, port or (443 if scheme == "https" else 80))
+        return cls(scheme, hostname, port or (443 if scheme == "https" else 80))
 
-    @property
-    def netloc(self) -> str:
+    netloc: str = field(init=False, repr=False, compare=False)  # host[:port], as in a Host header
+
+    def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
         default = 443 if self.scheme == "https" else 80
-        return host if self.port == default else f"{host}:{self.port}"
+        object.__setattr__(self, "netloc", host if self.port == default else f"{host}:{self.port}")
 
 
 class UpstreamResponse(Protocol):
@@ -175,6 +182,14 @@ class ConnectionGate:
             per_key = self._per_key.get(key)
             if per_key is None:
                 per_key = self._per_key[key] = asyncio.Semaphore(self._per_key_limit)
+        total = self._total
+        if (total is None or not total.locked()) and (per_key is None or not per_key.locked()):
+            # Free slots: acquiring cannot block, so no timer is armed (the common case, once per request).
+            if total is not None:
+                await total.acquire()
+            if per_key is not None:
+                await per_key.acquire()
+            return
         taken: list[asyncio.Semaphore] = []
         try:
             async with asyncio.timeout(wait):
