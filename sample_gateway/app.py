@@ -22,7 +22,13 @@ from nexus_middleware.errors import InvalidPathError, StorageError
 from nexus_middleware.paths import request_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
-from sample_gateway.config import GatewayConfig, config_path_from_environment, load_config, parse_config
+from sample_gateway.config import (
+    GatewayConfig,
+    benchmark_upstream_from_environment,
+    config_path_from_environment,
+    load_config,
+    parse_config,
+)
 from sample_gateway.contracts import AttemptObserver, TargetSelector, UpstreamPolicy
 from sample_gateway.health import ActiveHealthChecker
 from sample_gateway.proxy import ReverseProxy
@@ -305,15 +311,19 @@ def create_app_from_environment() -> GatewayEdge:
     return create_app(load_config(path), config_source=lambda: load_config(path))
 
 
-def create_benchmark_app(upstream_url: str, *, client: str = "aiohttp") -> GatewayEdge:
-    """The gateway with its default middleware stack in front of one upstream, for the load benchmark."""
+def create_benchmark_app(upstream_url: str | None = None, *, client: str = "aiohttp") -> GatewayEdge:
+    """The gateway with its default middleware stack in front of one upstream, for the load benchmark.
+
+    A `uvicorn --factory` target: `python -m benchmarks.load.run --gateway-app
+    sample_gateway.app:create_benchmark_app` (the upstream comes from `NEXUS_BENCH_UPSTREAM` then).
+    """
     config = parse_config(
         {
             "upstream_client": client,
             "services": [
                 {
                     "name": "bench",
-                    "targets": [{"url": upstream_url}],
+                    "targets": [{"url": upstream_url or benchmark_upstream_from_environment()}],
                     "health_check": {"enabled": False},
                     "retry": {"attempts": 1},
                 }

@@ -62,6 +62,7 @@ __all__ = [
     "StorageConfig",
     "TargetConfig",
     "TimeoutsConfig",
+    "benchmark_upstream_from_environment",
     "config_from_text",
     "config_path_from_environment",
     "cross_check",
@@ -74,6 +75,7 @@ __all__ = [
 
 ENV_PREFIX = "NEXUS__"
 CONFIG_PATH_VARIABLE = "NEXUS_GATEWAY_CONFIG"  # how `--workers N` hands the file to each worker process
+BENCH_UPSTREAM_VARIABLE = "NEXUS_BENCH_UPSTREAM"  # the upstream of the load benchmark's gateway row
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
@@ -575,6 +577,11 @@ def parse_config_text(
 def config_from_text(text: str, *, source: str | None = None) -> GatewayConfig:
     """Validate YAML text with the process environment's overrides, as at start-up (admin reload)."""
     return parse_config_text(text, environ=os.environ, source=source)
+
+
+def benchmark_upstream_from_environment(environ: Mapping[str, str] | None = None) -> str:
+    """The upstream URL `benchmarks/load/run.py` gives the gateway it serves (row d)."""
+    return (os.environ if environ is None else environ).get(BENCH_UPSTREAM_VARIABLE, "http://127.0.0.1:8001")
 
 
 def export_config_path(path: str | Path) -> None:
