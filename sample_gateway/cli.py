@@ -111,6 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
+        if config.storage.uri_for("registry").startswith("memory"):
+            print(
+                "warning: with several workers and storage.registry in memory, a target registered through "
+                "the admin API reaches only the worker that answered; use redis:// (docs/deployment.md)",
+                file=sys.stderr,
+            )
         export_config_path(args.config.resolve())
         uvicorn.run(
             "sample_gateway.app:create_app_from_environment",

@@ -386,17 +386,19 @@ class ActiveHealthChecker:
         due: dict[str, float] = {}
         while True:
             now = clock.monotonic()
+            names = []
             for name, policy in list(self._policies.items()):
-                if not policy.enabled:
-                    continue
-                if due.get(name, now) <= now:
+                if policy.enabled and due.get(name, now) <= now:
                     due[name] = now + policy.interval
-                    try:
-                        await self.check_service(name)
-                    except KeyError:
-                        continue  # the service went away in a reload
-                    except Exception:  # a bug must not stop every future check
-                        logger.exception("health checks of %s failed", name)
+                    names.append(name)
+            # Services are checked side by side: one with slow targets never delays the others' rounds.
+            results = await asyncio.gather(
+                *(self.check_service(name) for name in names), return_exceptions=True
+            )
+            for name, result in zip(names, results, strict=True):
+                # A KeyError means the service went away in a reload; anything else is a bug to log.
+                if isinstance(result, Exception) and not isinstance(result, KeyError):
+                    logger.error("health checks of %s failed", name, exc_info=result)
             upcoming = [due[name] for name in due if name in self._policies]
             delay = (min(upcoming) - clock.monotonic()) if upcoming else 1.0
             await asyncio.sleep(min(max(delay, 0.01), 1.0))
