@@ -36,7 +36,7 @@ from nexus_middleware.types import ASGIApp
 from sample_gateway.config import GatewayConfig
 from sample_gateway.runtime import GatewayRuntime
 
-__all__ = ["STACK", "Factory", "build_stack", "route_table"]
+__all__ = ["Factory", "STACK", "build_stack", "route_table", "wired"]
 
 Factory = Callable[[ASGIApp, GatewayConfig, GatewayRuntime], ASGIApp | None]
 
