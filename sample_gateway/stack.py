@@ -2,8 +2,8 @@
 
 Each entry is `(name, factory)`; a factory takes the app it wraps, the config and the runtime, and returns the
 wrapped app, or None to leave the layer out (not configured, or its middleware has not landed yet). Entries
-are listed outermost first, in the order docs/composition.md explains. To wire a middleware, fill in its
-factory; nothing else in the gateway changes:
+are listed outermost first, in the order docs/composition.md explains (`ProblemDetailsMiddleware`, the
+safety net, outside everything). To wire a middleware, fill in its factory; nothing else changes:
 
 - `problem_details`: `ProblemDetailsMiddleware`, always on (outermost safety net).
 - `request_id`: `RequestIDMiddleware`; `security.request_id`.
@@ -17,8 +17,10 @@ factory; nothing else in the gateway changes:
 - `rate_limits`: the rate limiter; `rate_limits.policies`, `rate_limits.default`,
   `rate_limits.on_storage_error`, `storage.uri_for("rate_limits")`; per route
   `route_table(config, "rate_limits")` (policy names).
+- `rbac`: role checks; per route `route_table(config, "roles")`.
 - `breakers`: the circuit breakers; `services[].breaker`, `storage.uri_for("breakers")`; the proxy records the
   service in the `proxy` decision.
+- `overload`: concurrency limits and load shedding (no config keys yet: add them under `routes[]`).
 
 Every layer that needs the client address takes `runtime.resolver` (built from `trusted_proxies`). The
 admin API exposes two hooks a layer fills when it is wired: `runtime.breaker_states` (a callable returning
@@ -92,8 +94,16 @@ def _rate_limits(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -
     return None  # wire the rate limiter (config.rate_limits) here; set runtime.rate_limit_policies
 
 
+def _rbac(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
+    return None  # wire RBAC (route_table(config, "roles")) here
+
+
 def _breakers(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
     return None  # wire the breakers (services[].breaker) here; set runtime.breaker_states
+
+
+def _overload(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
+    return None  # wire concurrency limits / load shedding here
 
 
 STACK: Sequence[tuple[str, Factory]] = (
@@ -104,7 +114,9 @@ STACK: Sequence[tuple[str, Factory]] = (
     ("body_limit", _body_limit),
     ("auth", _auth),
     ("rate_limits", _rate_limits),
+    ("rbac", _rbac),
     ("breakers", _breakers),
+    ("overload", _overload),
 )
 
 

@@ -65,7 +65,9 @@ def test_the_table_lists_every_concern_outermost_first() -> None:
         "body_limit",
         "auth",
         "rate_limits",
+        "rbac",
         "breakers",
+        "overload",
     ]
 
 
