@@ -17,6 +17,7 @@ from sample_gateway.app import create_app
 from sample_gateway.config import GatewayConfig, GatewayConfigError, export_config_path, load_config
 from sample_gateway.demo import DemoUpstream, demo_config, demo_instructions
 from sample_gateway.runtime import GatewayRuntime
+from sample_gateway.stack import ADMIN_STACK, build_stack
 
 __all__ = ["main"]
 
@@ -141,7 +142,8 @@ def _run_config(config: GatewayConfig, path: Path, host: str, port: int, log_lev
         main_socket = _bind(host, port)
         others: list[tuple[ASGIApp, socket.socket]] = []
         if config.admin.enabled and config.admin.listen is not None:
-            others.append((AdminApp(runtime), _bind(config.admin.listen.host, config.admin.listen.port)))
+            admin = build_stack(AdminApp(runtime), config, runtime, entries=ADMIN_STACK)
+            others.append((admin, _bind(config.admin.listen.host, config.admin.listen.port)))
     except OSError as exc:
         print(f"error: cannot listen: {exc}", file=sys.stderr)
         return 1

@@ -22,6 +22,10 @@ safety net, outside everything). To wire a middleware, fill in its factory; noth
   service in the `proxy` decision.
 - `overload`: concurrency limits and load shedding (no config keys yet: add them under `routes[]`).
 
+The admin API has its own, shorter table, `ADMIN_STACK`: fill its `auth` entry with the JWT middleware in
+optional mode (it publishes the principal, never refuses) and `AdminApp` accepts a principal holding one of
+`admin.roles` in addition to the API keys.
+
 Every layer that needs the client address takes `runtime.resolver` (built from `trusted_proxies`). The
 admin API exposes two hooks a layer fills when it is wired: `runtime.breaker_states` (a callable returning
 one dict per breaker) and `runtime.rate_limit_policies` (an object with `get()` and `replace(policies)`).
@@ -38,7 +42,7 @@ from nexus_middleware.types import ASGIApp
 from sample_gateway.config import GatewayConfig
 from sample_gateway.runtime import GatewayRuntime
 
-__all__ = ["Factory", "STACK", "build_stack", "route_table", "wired"]
+__all__ = ["ADMIN_STACK", "Factory", "STACK", "build_stack", "route_table", "wired"]
 
 Factory = Callable[[ASGIApp, GatewayConfig, GatewayRuntime], ASGIApp | None]
 
@@ -117,6 +121,17 @@ STACK: Sequence[tuple[str, Factory]] = (
     ("rbac", _rbac),
     ("breakers", _breakers),
     ("overload", _overload),
+)
+
+
+def _admin_auth(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
+    return None  # wire JWT authentication (optional mode) for admin principals with admin.roles here
+
+
+ADMIN_STACK: Sequence[tuple[str, Factory]] = (
+    ("problem_details", _problem_details),
+    ("request_id", _request_id),
+    ("auth", _admin_auth),
 )
 
 
