@@ -212,3 +212,24 @@ def test_benchmark_factory_reads_the_upstream_from_the_environment(monkeypatch: 
     monkeypatch.setenv("NEXUS_BENCH_UPSTREAM", "http://127.0.0.1:8123")
     app = create_benchmark_app()
     assert [target.url for target in app.runtime.registry.targets("bench")] == ["http://127.0.0.1:8123"]
+
+
+async def test_a_route_timeout_overrides_the_service_deadline() -> None:
+    async with upstream("a") as (url_a, _):
+        settings = config([url_a]).model_dump(mode="json")
+        settings["admin"]["api_keys"] = [KEY]
+        settings["routes"].insert(
+            0, {"path": "/fast/*", "strip_prefix": "/fast", "service": "echo", "timeout": 0.3}
+        )
+        gateway = create_app(parse_config(settings))
+        async with (
+            serve(gateway, lifespan="on") as base,
+            httpx.AsyncClient(base_url=base, timeout=10) as http,
+        ):
+            began = time.monotonic()
+            fast = await http.get("/fast/delay?seconds=3")
+            elapsed = time.monotonic() - began
+            slow = await http.get("/api/delay?seconds=0.5")  # the service's 60 s deadline
+    assert fast.status_code == 504 and fast.headers["content-type"] == "application/problem+json"
+    assert 0.25 < elapsed < 2.0
+    assert slow.status_code == 200
