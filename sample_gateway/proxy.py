@@ -37,10 +37,12 @@ from sample_gateway.upstream_client import (
     UpstreamConnectError,
     UpstreamDisconnectedError,
     UpstreamError,
+    UpstreamHandshakeError,
     UpstreamPoolExhaustedError,
     UpstreamProtocolError,
     UpstreamResponse,
     UpstreamTimeoutError,
+    UpstreamWebSocket,
 )
 
 __all__ = [
@@ -80,6 +82,7 @@ DISCONNECT_WATCH_DELAY = 0.025
 
 # The gateway sets these itself; what the client sent is believed only from a trusted proxy.
 _FORWARDED_NAMES = (b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port")
+_KEPT_FROM_TRUSTED = frozenset({*_FORWARDED_NAMES, b"forwarded"})
 # A path the router produced: absolute, printable, no query, fragment or backslash, no authority-like `//`.
 _SAFE_PATH = re.compile(rb"/(?!/)[\x21-\x7e]*")
 _UNSAFE_PATH_BYTES = re.compile(rb"[?#\\]")
@@ -183,6 +186,7 @@ class ReverseProxy:
         self._random = random
         self._sleep = sleep
         self._gateway_names = HOP_BY_HOP_HEADERS | {
+            b"expect",  # the server in front already answered 100-continue; the body is coming anyway
             b"host",
             b"via",
             b"x-forwarded-for",
@@ -223,15 +227,49 @@ class ReverseProxy:
         context = get_context(scope)
         target = self._request_target(path, scope.get("query_string", b""))
         if target is None:
-            context.record("proxy", "error", reason="unsafe_path", service=policy.service)
-            await send_problem(
-                scope, send, Problem(400, "the request path cannot be forwarded"), layer="proxy"
-            )
+            await self._refuse_unsafe_path(scope, send, context, policy)
             return
         exchange = _Exchange(self, scope, receive, send, selector, policy, target, observer, context)
         await exchange.run()
 
-    # --- per-request helpers used by _Exchange -------------------------------------------------------------
+    async def forward_websocket(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        selector: TargetSelector,
+        policy: UpstreamPolicy,
+        path: str,
+        observer: AttemptObserver | None = None,
+    ) -> None:
+        """Relay the websocket in `scope` to a target of `policy.service`, messages both ways, until either
+        side closes. The handshake is refused with a problem (denial response, or a close before accept)
+        when no target can be reached; the upstream's subprotocol choice is passed on at accept.
+        """
+        if scope["type"] != "websocket":
+            raise ValueError("ReverseProxy.forward_websocket handles websocket scopes only")
+        context = get_context(scope)
+        target_path = self._request_target(path, scope.get("query_string", b""))
+        if target_path is None:
+            await self._refuse_unsafe_path(scope, send, context, policy)
+            return
+        if (await receive())["type"] != "websocket.connect":
+            return
+        relay = _WebSocketRelay(self, scope, receive, send, policy, observer, context)
+        upstream = await relay.connect(selector, target_path)
+        if upstream is not None:
+            await relay.run(upstream)
+
+    # --- per-request helpers used by _Exchange ---
+
+    @staticmethod
+    async def _refuse_unsafe_path(
+        scope: Scope, send: Send, context: RequestContext, policy: UpstreamPolicy
+    ) -> None:
+        context.record("proxy", "error", reason="unsafe_path", service=policy.service)
+        problem = Problem(400, "the request path cannot be forwarded")
+        await send_problem(scope, send, problem, layer="proxy")
 
     @staticmethod
     def _request_target(path: str, query: bytes) -> str | None:
@@ -290,7 +328,7 @@ class ReverseProxy:
                     prior_for.append(value)
             elif name == b"via":
                 prior_via.append(value)
-            elif trusted:  # x-forwarded-proto/host/port, forwarded
+            elif trusted and name in _KEPT_FROM_TRUSTED:
                 forwarded.setdefault(name, value)
         client = scope.get("client")
         if client:
@@ -432,23 +470,40 @@ def _nothing() -> None:
 _Cause = Literal["connect", "timeout", "protocol", "disconnected", "pool"]
 
 
-class _Exchange:
+class _Forwarding:
+    """What every forwarded call (an http exchange, a websocket relay) holds for its whole life."""
+
+    __slots__ = ("_context", "_observer", "_policy", "_proxy", "_receive", "_retries", "_scope", "_send")
+
+    def __init__(
+        self,
+        proxy: ReverseProxy,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        policy: UpstreamPolicy,
+        observer: AttemptObserver | None,
+        context: RequestContext,
+    ) -> None:
+        self._proxy = proxy
+        self._scope = scope
+        self._receive = receive
+        self._send = send
+        self._policy = policy
+        self._observer = observer
+        self._context = context
+        self._retries = 0
+
+
+class _Exchange(_Forwarding):
     """The state of one forwarded request: attempts, retries, the response once it started."""
 
     __slots__ = (
         "_body",
-        "_context",
         "_deadline",
         "_disconnected",
         "_done_sending",
-        "_observer",
-        "_policy",
-        "_proxy",
-        "_receive",
-        "_retries",
-        "_scope",
         "_selector",
-        "_send",
         "_started",
         "_target",
         "_task",
@@ -468,17 +523,10 @@ class _Exchange:
         observer: AttemptObserver | None,
         context: RequestContext,
     ) -> None:
-        self._proxy = proxy
-        self._scope = scope
-        self._receive = receive
-        self._send = send
+        super().__init__(proxy, scope, receive, send, policy, observer, context)
         self._selector = selector
-        self._policy = policy
         self._target = target
-        self._observer = observer
-        self._context = context
         self._body = _RequestBody(receive)
-        self._retries = 0
         self._started = False
         self._disconnected = False
         self._task: asyncio.Task[None] | None = None
@@ -787,3 +835,152 @@ class _Attempt:
         self.response = response
         self.release = slot.release
         self.latency = latency
+
+
+# Close codes that describe a connection, never sent in a close frame (RFC 6455 §7.4.1).
+_RESERVED_CLOSE_CODES = frozenset({1005, 1006, 1015})
+
+
+def _close_code(code: object) -> int:
+    if isinstance(code, int) and 1000 <= code < 5000 and code not in _RESERVED_CLOSE_CODES:
+        return code
+    return 1000
+
+
+class _WebSocketRelay(_Forwarding):
+    """One proxied websocket: the handshake attempts, then the two relay loops."""
+
+    __slots__ = ()
+
+    async def connect(
+        self, selector: TargetSelector, target_path: str
+    ) -> tuple[Target, UpstreamWebSocket, float] | None:
+        proxy, scope, policy, observer = self._proxy, self._scope, self._policy, self._observer
+        headers = [
+            (name, value)
+            for name, value in proxy.request_headers(scope, self._context)
+            if not name.startswith(b"sec-websocket-")
+        ]
+        protocols: Sequence[str] = scope.get("subprotocols") or ()
+        budget = proxy._budget(policy.service, policy.retry)
+        budget.deposit()
+        tried: frozenset[str] = frozenset()
+        attempt = 0
+        while True:
+            attempt += 1
+            target = await selector.select(scope, exclude=tried)
+            if target is None and tried:
+                target = await selector.select(scope)  # every target tried: any will do
+            if target is None:
+                self._context.record(
+                    "proxy", "error", reason="no_target", service=policy.service, retries=self._retries
+                )
+                problem = Problem(503, f"service {policy.service!r} has no available target")
+                await send_problem(scope, self._send, problem, headers=proxy._retry_after, layer="proxy")
+                return None
+            origin = proxy._origin(target)
+            host = get_header(scope.get("headers") or (), b"host") if policy.preserve_host else None
+            if observer is not None:
+                observer.attempt_started(target)
+            began = proxy._clock.monotonic()
+            try:
+                upstream = await proxy._client.open_websocket(
+                    origin,
+                    target_path,
+                    [(b"host", host or origin.netloc.encode("ascii")), *headers],
+                    protocols=protocols,
+                    connect_timeout=policy.connect_timeout,
+                )
+            except UpstreamError as exc:
+                status = exc.status if isinstance(exc, UpstreamHandshakeError) else None
+                outcome: AttemptOutcome = "http_error" if status is not None else _outcome_of(exc)
+                if observer is not None:
+                    latency = proxy._clock.monotonic() - began
+                    observer.attempt_finished(target, outcome=outcome, status=status, latency=latency)
+                if (
+                    not exc.sent
+                    and policy.retry.on_connect_errors
+                    and attempt < policy.retry.attempts
+                    and budget.try_spend()
+                ):
+                    tried = tried | {target.id}
+                    self._retries += 1
+                    continue
+                await self._refuse(target, exc, status)
+                return None
+            return target, upstream, proxy._clock.monotonic() - began
+
+    async def _refuse(self, target: Target, error: UpstreamError, status: int | None) -> None:
+        policy = self._policy
+        self._context.record(
+            "proxy",
+            "error",
+            reason="handshake" if status is not None else _cause_of(error),
+            service=policy.service,
+            target=target.id,
+            retries=self._retries,
+            upstream_status=status,
+        )
+        if status is not None and 400 <= status < 500:
+            problem = Problem(status, f"service {policy.service!r} refused the websocket")
+        elif isinstance(error, UpstreamTimeoutError):
+            problem = Problem(504, f"service {policy.service!r} did not answer in time")
+        else:
+            problem = Problem(502, f"service {policy.service!r} could not be reached")
+        await send_problem(self._scope, self._send, problem, layer=None)
+
+    async def run(self, connected: tuple[Target, UpstreamWebSocket, float]) -> None:
+        target, upstream, latency = connected
+        self._context.record(
+            "proxy",
+            "forwarded",
+            service=self._policy.service,
+            target=target.id,
+            retries=self._retries,
+            upstream_status=101,
+        )
+        outcome: AttemptOutcome = "success"
+        close_code = 1000
+        downstream = None
+        try:
+            await self._send({"type": "websocket.accept", "subprotocol": upstream.protocol})
+            downstream = asyncio.ensure_future(self._upstream_to_client(upstream))
+            close_code = await self._client_to_upstream(upstream)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            if downstream is not None:
+                downstream.cancel()
+            try:
+                await upstream.aclose(close_code)
+            finally:
+                if self._observer is not None:
+                    self._observer.attempt_finished(target, outcome=outcome, status=101, latency=latency)
+
+    async def _client_to_upstream(self, upstream: UpstreamWebSocket) -> int:
+        while True:
+            message = await self._receive()
+            if message["type"] == "websocket.disconnect":
+                return _close_code(message.get("code"))
+            if message["type"] != "websocket.receive":
+                continue
+            text = message.get("text")
+            data = text if text is not None else message.get("bytes")
+            if data is None:
+                continue
+            try:
+                await upstream.send(data)
+            except UpstreamError:
+                return 1011  # the upstream is gone; its close reaches the client through the other loop
+
+    async def _upstream_to_client(self, upstream: UpstreamWebSocket) -> None:
+        while True:
+            data = await upstream.receive()
+            if data is None:
+                await self._send({"type": "websocket.close", "code": _close_code(upstream.close_code)})
+                return
+            if isinstance(data, str):
+                await self._send({"type": "websocket.send", "text": data})
+            else:
+                await self._send({"type": "websocket.send", "bytes": data})

@@ -12,7 +12,7 @@ machine (see docs/performance.md); httpx stays selectable, and is the control pl
 """
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
@@ -34,10 +34,12 @@ __all__ = [
     "UpstreamConnectError",
     "UpstreamDisconnectedError",
     "UpstreamError",
+    "UpstreamHandshakeError",
     "UpstreamPoolExhaustedError",
     "UpstreamProtocolError",
     "UpstreamResponse",
     "UpstreamTimeoutError",
+    "UpstreamWebSocket",
     "create_upstream_client",
 ]
 
@@ -78,6 +80,14 @@ class UpstreamDisconnectedError(UpstreamError):
 
 class UpstreamProtocolError(UpstreamError):
     """The upstream answered with something that is not valid HTTP/1.1, or a body cut short."""
+
+
+class UpstreamHandshakeError(UpstreamError):
+    """The upstream refused a websocket handshake with an HTTP `status`."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"the upstream refused the websocket handshake with {status}")
+        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +145,19 @@ class UpstreamResponse(Protocol):
         ...
 
 
+class UpstreamWebSocket(Protocol):
+    """An open websocket to an upstream. `receive()` returns None once the upstream closed (`close_code`)."""
+
+    protocol: str | None
+    close_code: int | None
+
+    async def send(self, data: str | bytes) -> None: ...
+
+    async def receive(self) -> str | bytes | None: ...
+
+    async def aclose(self, code: int = 1000) -> None: ...
+
+
 class UpstreamClient(Protocol):
     """Opens exchanges with registered targets. Create one per process; `aclose()` it at shutdown."""
 
@@ -156,6 +179,18 @@ class UpstreamClient(Protocol):
         `headers` are sent as given: the caller sets `host`, and `content-length` when the length is known
         (else the body goes chunked). Waiting for a pooled connection counts against `connect_timeout`.
         """
+        ...
+
+    async def open_websocket(
+        self,
+        origin: Origin,
+        target: str,
+        headers: RawHeaders,
+        *,
+        protocols: Sequence[str],
+        connect_timeout: float,
+    ) -> UpstreamWebSocket:
+        """Open a websocket (the handshake headers are the client library's; `headers` add to them)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -270,6 +305,57 @@ class _BaseClient:
         self._max_per_host = max_per_host
         self._keepalive_expiry = keepalive_expiry
         self._gate = ConnectionGate(max_connections, max_per_host)
+        self._ws_session: aiohttp.ClientSession | None = None
+
+    async def open_websocket(
+        self,
+        origin: Origin,
+        target: str,
+        headers: RawHeaders,
+        *,
+        protocols: Sequence[str],
+        connect_timeout: float,
+    ) -> UpstreamWebSocket:
+        # Both kinds relay websockets with aiohttp, on a session of their own: a websocket holds its
+        # connection for its whole life and must not take the pooled HTTP connections' places.
+        import aiohttp
+        from yarl import URL
+
+        if self._ws_session is None:
+            self._ws_session = _aiohttp_session(aiohttp.TCPConnector(limit=0))
+        path, _, query = target.partition("?")
+        url = URL.build(
+            scheme="wss" if origin.scheme == "https" else "ws",
+            host=origin.host,
+            port=origin.port,
+            path=path,
+            query_string=query,
+            encoded=True,
+        )
+        try:
+            async with asyncio.timeout(connect_timeout):
+                websocket = await self._ws_session.ws_connect(
+                    url,
+                    headers=[(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers],
+                    protocols=tuple(protocols),
+                    autoclose=False,
+                    autoping=True,
+                    max_msg_size=0,
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            raise UpstreamHandshakeError(exc.status) from exc
+        except aiohttp.ClientError as exc:
+            raise _aiohttp_error(exc) from exc
+        except TimeoutError as exc:
+            raise UpstreamTimeoutError(
+                "the upstream websocket did not open in time", phase="connect"
+            ) from exc
+        return _AiohttpWebSocket(websocket)
+
+    async def _close_ws_session(self) -> None:
+        if self._ws_session is not None:
+            session, self._ws_session = self._ws_session, None
+            await session.close()
 
     def __repr__(self) -> str:
         return (
@@ -331,6 +417,58 @@ def _aiohttp_error(exc: BaseException) -> UpstreamError:
     return UpstreamDisconnectedError(f"the upstream connection broke: {exc!r}")
 
 
+def _aiohttp_session(connector: "aiohttp.TCPConnector") -> "aiohttp.ClientSession":
+    import aiohttp
+
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        version=aiohttp.HttpVersion11,
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+
+class _AiohttpWebSocket:
+    __slots__ = ("_websocket", "close_code", "protocol")
+
+    def __init__(self, websocket: "aiohttp.ClientWebSocketResponse[bool]") -> None:
+        self._websocket = websocket
+        self.protocol = websocket.protocol
+        self.close_code: int | None = None
+
+    async def send(self, data: str | bytes) -> None:
+        try:
+            if isinstance(data, str):
+                await self._websocket.send_str(data)
+            else:
+                await self._websocket.send_bytes(data)
+        except (ConnectionError, RuntimeError) as exc:  # aiohttp's reset errors are ConnectionErrors
+            raise UpstreamDisconnectedError(f"the upstream websocket went away: {exc!r}") from exc
+
+    async def receive(self) -> str | bytes | None:
+        import aiohttp
+
+        while True:
+            message = await self._websocket.receive()
+            if message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                data: str | bytes = message.data
+                return data
+            if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                self.close_code = self._websocket.close_code or (
+                    message.data if isinstance(message.data, int) else 1000
+                )
+                return None
+            if message.type == aiohttp.WSMsgType.ERROR:
+                self.close_code = 1011
+                return None
+
+    async def aclose(self, code: int = 1000) -> None:
+        await self._websocket.close(code=code)
+
+
 class _AiohttpClient(_BaseClient):
     kind: ClientKind = "aiohttp"
 
@@ -348,15 +486,7 @@ class _AiohttpClient(_BaseClient):
                 limit_per_host=self._max_per_host,
                 keepalive_timeout=self._keepalive_expiry,
             )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                auto_decompress=False,
-                trust_env=False,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-                version=aiohttp.HttpVersion11,
-                timeout=aiohttp.ClientTimeout(total=None),
-            )
+            self._session = _aiohttp_session(connector)
         return self._session
 
     def _timeout(self, connect: float, read: float) -> "aiohttp.ClientTimeout":
@@ -420,6 +550,7 @@ class _AiohttpClient(_BaseClient):
         return _AiohttpResponse(self._gate, key, response)
 
     async def aclose(self) -> None:
+        await self._close_ws_session()
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
@@ -540,6 +671,7 @@ class _HttpxClient(_BaseClient):
         return _HttpxResponse(self._gate, key, response)
 
     async def aclose(self) -> None:
+        await self._close_ws_session()
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()

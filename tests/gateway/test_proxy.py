@@ -17,22 +17,12 @@ from nexus_middleware.client import ClientAddressResolver
 from nexus_middleware.types import Receive, Scope, Send
 from sample_gateway.contracts import RetryPolicy, Target, UpstreamPolicy
 from sample_gateway.proxy import ReverseProxy
-from sample_gateway.upstream_client import ClientKind, UpstreamClient, create_upstream_client
+from sample_gateway.upstream_client import UpstreamClient
 from tests.gateway.support import FirstSelector, ListSelector, RecordingObserver, proxy_app
 from tests.support.servers import closing_server, free_port, serve
 from tests.support.upstream import UpstreamApp
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(params=["aiohttp", "httpx"])
-async def upstream_client(request: pytest.FixtureRequest) -> AsyncIterator[UpstreamClient]:
-    kind: ClientKind = request.param
-    client = create_upstream_client(kind)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @dataclass
@@ -127,6 +117,7 @@ async def test_request_hop_by_hop_headers_are_stripped_and_gateway_headers_set(
             "trailer": "x-checksum",
             "proxy-authorization": "Basic Zm9vOmJhcg==",
             "proxy-connection": "keep-alive",
+            "expect": "100-continue",
             "x-forwarded-for": "6.6.6.6",
             "x-forwarded-proto": "https",
             "x-forwarded-host": "evil.example",
@@ -139,7 +130,15 @@ async def test_request_hop_by_hop_headers_are_stripped_and_gateway_headers_set(
     received = {}
     for name, value in echo["headers"]:
         received.setdefault(name, []).append(value)
-    for name in ("x-secret", "keep-alive", "te", "trailer", "proxy-authorization", "proxy-connection"):
+    for name in (
+        "x-secret",
+        "keep-alive",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "proxy-connection",
+        "expect",
+    ):
         assert name not in received, name
     assert received.get("connection", ["keep-alive"]) == ["keep-alive"]  # the client library's own, if any
     assert received["x-kept"] == ["yes"]
@@ -653,3 +652,29 @@ async def test_closing_upstream_before_response_is_502_for_post(upstream_client:
         response = await client.post(f"{gw.url}/x", content=b"data")
     assert response.status_code == 502
     assert len(gw.observer.finished) == 1
+
+
+async def test_no_retry_when_the_backoff_would_pass_the_deadline(upstream_client: UpstreamClient) -> None:
+    retry = RetryPolicy(
+        attempts=3, on_statuses=frozenset({503}), backoff_base=10, backoff_max=10, budget_ratio=1
+    )
+    policy = UpstreamPolicy(service="svc", retry=retry, total_timeout=5)
+    async with upstreams("a", "b") as [(a, url_a), (b, url_b)]:
+        targets = [target("a", url_a), target("b", url_b)]
+        async with gateway(
+            upstream_client, targets, policy=policy, selector=FirstSelector(targets), random=lambda: 0.9
+        ) as gw:
+            response = await gw.client.get(f"{gw.url}/status/503")
+    assert response.status_code == 503
+    assert (len(a.received), len(b.received)) == (1, 0)  # a 9 s backoff cannot end within 5 s
+
+
+@pytest.mark.parametrize("method", ["HEAD", "OPTIONS", "DELETE"])
+async def test_other_methods_are_forwarded(upstream_client: UpstreamClient, method: str) -> None:
+    async with upstreams("a") as [(app, url)], gateway(upstream_client, [target("a", url)]) as gw:
+        response = await gw.client.request(method, f"{gw.url}/thing")
+    assert response.status_code == 200
+    assert app.received == [(method, "/thing")]
+    if method == "HEAD":
+        assert response.content == b""
+        assert int(response.headers["content-length"]) > 0
