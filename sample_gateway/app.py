@@ -40,6 +40,7 @@ __all__ = [
     "Forwarder",
     "GatewayApp",
     "GatewayEdge",
+    "bench_app",
     "create_app",
     "create_app_from_environment",
     "create_benchmark_app",
@@ -333,3 +334,8 @@ def create_benchmark_app(upstream_url: str | None = None, *, client: str = "aioh
         }
     )
     return create_app(config)
+
+
+def bench_app() -> GatewayEdge:
+    """Row (d) of the load benchmark: `--gateway-app sample_gateway.app:bench_app` (docs/performance.md)."""
+    return create_benchmark_app()

@@ -207,10 +207,10 @@ async def test_each_strategy_distributes_real_traffic(
 
 
 def test_benchmark_factory_reads_the_upstream_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sample_gateway.app import create_benchmark_app
+    from sample_gateway.app import bench_app
 
     monkeypatch.setenv("NEXUS_BENCH_UPSTREAM", "http://127.0.0.1:8123")
-    app = create_benchmark_app()
+    app = bench_app()
     assert [target.url for target in app.runtime.registry.targets("bench")] == ["http://127.0.0.1:8123"]
 
 
