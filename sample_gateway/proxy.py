@@ -358,6 +358,7 @@ class ReverseProxy:
         return out
 
     def response_headers(self, upstream: RawHeaders) -> RawHeaders:
+        """The upstream's response headers as sent to the client: hop-by-hop ones removed, `Via` appended."""
         named = _connection_tokens(upstream)
         out: RawHeaders = []
         prior_via: list[bytes] = []
@@ -668,7 +669,7 @@ class _Exchange(_Forwarding):
             observer.attempt_started(target)
         began = clock.monotonic()
         if remaining is not None and remaining <= 0:
-            self._observe(target, "timeout", None, began)
+            self._observe(target, "cancelled", None, began)  # never contacted: not the target's fault
             return UpstreamTimeoutError("the deadline passed before the attempt", phase="read")
         connect_timeout = policy.connect_timeout
         if remaining is not None:
