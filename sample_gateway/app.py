@@ -1,0 +1,341 @@
+"""The gateway as one ASGI app: probes and admin at the edge, then the middleware stack, then the proxy.
+
+```
+GatewayEdge            /healthz, /readyz, the admin prefix: answered here, before any policy layer
+  build_stack(...)     the nexus middlewares chosen by the config (stack.py)
+    GatewayApp         lifespan (upstream client, health checks, registry refresh) and routing -> proxy
+```
+
+`create_app(config)` builds it. Everything a request needs is computed when the config is loaded (routing
+tables, selectors, policies); a request does one route lookup and one balancer pick before it is forwarded.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from nexus_middleware.context import get_context
+from nexus_middleware.errors import InvalidPathError, StorageError
+from nexus_middleware.paths import request_path
+from nexus_middleware.problem import Problem, send_problem
+from nexus_middleware.types import ASGIApp, Receive, Scope, Send
+from sample_gateway.config import (
+    GatewayConfig,
+    benchmark_upstream_from_environment,
+    config_path_from_environment,
+    load_config,
+    parse_config,
+)
+from sample_gateway.contracts import AttemptObserver, TargetSelector, UpstreamPolicy
+from sample_gateway.health import ActiveHealthChecker
+from sample_gateway.proxy import ReverseProxy
+from sample_gateway.routing import NoRoute
+from sample_gateway.runtime import GatewayRuntime
+from sample_gateway.upstream_client import UpstreamClient, create_upstream_client
+
+__all__ = [
+    "Forwarder",
+    "GatewayApp",
+    "GatewayEdge",
+    "bench_app",
+    "create_app",
+    "create_app_from_environment",
+    "create_benchmark_app",
+]
+
+logger = logging.getLogger(__name__)
+
+REGISTRY_REFRESH_INTERVAL = 5.0  # seconds between re-reads of a shared (Redis) registry
+
+
+class Forwarder(Protocol):
+    """The data plane (`sample_gateway.proxy.ReverseProxy`)."""
+
+    async def forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        selector: TargetSelector,
+        policy: UpstreamPolicy,
+        path: str,
+        observer: AttemptObserver | None = None,
+    ) -> None: ...
+
+
+def _default_data_plane(runtime: GatewayRuntime) -> tuple[Forwarder, UpstreamClient]:
+    config = runtime.config
+    pools = [service.pool for service in config.services]
+    client = create_upstream_client(
+        config.upstream_client,
+        # Each service has its own gate of pool.max_connections in the proxy; the client holds them all.
+        max_connections=max(100, sum(pool.max_connections for pool in pools)),
+        max_connections_per_host=max([0, *(pool.max_connections_per_host for pool in pools)]),
+        keepalive_expiry=min([30.0, *(pool.keepalive_expiry for pool in pools)]),
+    )
+    return ReverseProxy(client=client, client_resolver=runtime.resolver, clock=runtime.clock), client
+
+
+DataPlaneFactory = Callable[[GatewayRuntime], tuple[Forwarder, UpstreamClient]]
+
+_NOT_FOUND = Problem(404, "No route matches this request.")
+_NOT_STARTED = Problem(503, "The gateway is starting.")
+_BAD_PATH = Problem(400, "The request path is not valid.")
+_NO_WEBSOCKET = Problem(501, "The gateway does not proxy websockets yet.")
+
+
+class GatewayApp:
+    """The innermost app: owns the lifespan (clients and background tasks) and forwards routed requests."""
+
+    def __init__(
+        self, runtime: GatewayRuntime, /, *, data_plane: DataPlaneFactory = _default_data_plane
+    ) -> None:
+        self.runtime = runtime
+        self._data_plane = data_plane
+        self._forwarder: Forwarder | None = None
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def __repr__(self) -> str:
+        return f"GatewayApp({self.runtime!r})"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] not in ("http", "websocket"):
+            return
+        path = await _path_or_refuse(scope, send)
+        if path is None:
+            return
+        match = self.runtime.router.resolve(scope, path)
+        if isinstance(match, NoRoute):
+            await _refuse(scope, send, match)
+            return
+        if scope["type"] == "websocket":
+            await send_problem(scope, send, _NO_WEBSOCKET, layer="gateway")  # refused before accept
+            return
+        forwarder = self._forwarder
+        if forwarder is None:
+            await send_problem(scope, send, _NOT_STARTED, headers=[(b"retry-after", b"1")], layer="gateway")
+            return
+        get_context(scope).route = match.route.pattern
+        choice = match.choice
+        await forwarder.forward(
+            scope,
+            receive,
+            send,
+            selector=choice.backend.selector,
+            policy=choice.policy,
+            path=match.path,
+            observer=choice.backend.observer,
+        )
+
+    async def start(self) -> None:
+        """Create the clients once per process and start the background tasks."""
+        import httpx
+
+        runtime = self.runtime
+        forwarder, client = self._data_plane(runtime)
+        self._closers.append(client.aclose)
+        health_client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
+        self._closers.append(health_client.aclose)
+        self._closers.append(runtime.registry.aclose)
+        checker = ActiveHealthChecker(runtime.tracker, runtime.check_policies, client=health_client)
+        runtime.checker = checker
+        try:
+            await runtime.refresh_registry()
+        except StorageError as exc:  # serve the config's targets; the refresh task keeps trying
+            logger.warning("the registry store is unavailable at start-up: %s", exc)
+        self._tasks.append(asyncio.create_task(checker.run(), name="nexus-health-checks"))
+        self._tasks.append(asyncio.create_task(self._refresh_registry(), name="nexus-registry-refresh"))
+        self._forwarder = forwarder
+        runtime.started = True
+
+    async def stop(self) -> None:
+        self.runtime.started = False
+        self._forwarder = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for close in reversed(self._closers):
+            try:
+                await close()
+            except Exception:  # one failing close must not keep the others open
+                logger.exception("closing %r failed", close)
+        self._closers.clear()
+
+    async def _refresh_registry(self) -> None:
+        while True:
+            await asyncio.sleep(REGISTRY_REFRESH_INTERVAL)
+            try:
+                await self.runtime.refresh_registry()
+            except Exception:
+                logger.exception("refreshing the registry failed; keeping the targets known so far")
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except Exception as exc:
+                    logger.exception("gateway start-up failed")
+                    await self.stop()
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _path_or_refuse(scope: Scope, send: Send) -> str | None:
+    """The normalized path (computed once per request, shared by every layer), or None after a 400."""
+    try:
+        return request_path(scope)
+    except InvalidPathError:
+        await send_problem(scope, send, _BAD_PATH, layer="gateway")
+        return None
+
+
+async def _refuse(scope: Scope, send: Send, result: NoRoute) -> None:
+    if result.status == 405:
+        allow = ", ".join(sorted(result.allow))
+        problem = Problem(405, f"This path accepts {allow}.", extensions={"allow": sorted(result.allow)})
+        await send_problem(scope, send, problem, headers=[(b"allow", allow.encode())], layer="gateway")
+        return
+    await send_problem(scope, send, _NOT_FOUND, layer="gateway")
+
+
+def _json_response(status: int, payload: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    return (
+        {"type": "http.response.start", "status": status, "headers": headers},
+        {"type": "http.response.body", "body": body},
+    )
+
+
+class GatewayEdge:
+    """The outermost layer: answers the probes and routes the admin prefix before the policy layers."""
+
+    def __init__(self, app: ASGIApp, /, *, runtime: GatewayRuntime, admin: ASGIApp | None = None) -> None:
+        self.app = app
+        self.runtime = runtime
+        self._admin = admin
+        self._admin_prefix = runtime.config.admin.prefix if admin is not None else None
+
+    def __repr__(self) -> str:
+        return f"GatewayEdge(admin_prefix={self._admin_prefix!r})"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" and scope["type"] != "websocket":
+            await self.app(scope, receive, send)  # lifespan reaches GatewayApp through the stack
+            return
+        path = await _path_or_refuse(scope, send)
+        if path is None:
+            return
+        if scope["type"] == "http":
+            if path == "/healthz":
+                for message in _json_response(200, {"status": "ok"}):
+                    await send(message)
+                return
+            if path == "/readyz":
+                await self._ready(scope, send)
+                return
+        prefix = self._admin_prefix
+        if (
+            prefix is not None
+            and self._admin is not None
+            and (path == prefix or path.startswith(prefix + "/"))
+        ):
+            await self._admin(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _ready(self, scope: Scope, send: Send) -> None:
+        if not self.runtime.started:
+            await send_problem(scope, send, Problem(503, "The gateway has not started."), layer="gateway")
+            return
+        missing = self.runtime.unready_services()
+        if missing:
+            problem = Problem(
+                503, "Some required services have no healthy target.", extensions={"services": missing}
+            )
+            await send_problem(scope, send, problem, headers=[(b"retry-after", b"5")], layer="gateway")
+            return
+        for message in _json_response(200, {"status": "ready"}):
+            await send(message)
+
+
+def create_app(
+    config: GatewayConfig,
+    *,
+    runtime: GatewayRuntime | None = None,
+    config_source: Callable[[], GatewayConfig] | None = None,
+    data_plane: DataPlaneFactory = _default_data_plane,
+) -> GatewayEdge:
+    """The gateway for `config`: edge, middleware stack, proxy. Serve it with uvicorn (lifespan on)."""
+    from sample_gateway.admin import AdminApp
+    from sample_gateway.stack import build_stack
+
+    if runtime is None:
+        runtime = GatewayRuntime(config, config_source=config_source)
+    app = GatewayApp(runtime, data_plane=data_plane)
+    stacked = build_stack(app, config, runtime)
+    admin = (
+        AdminApp(runtime, prefix=config.admin.prefix)
+        if config.admin.enabled and not config.admin.listen
+        else None
+    )
+    return GatewayEdge(stacked, runtime=runtime, admin=admin)
+
+
+def create_app_from_environment() -> GatewayEdge:
+    """The uvicorn factory each worker process calls under `--workers N` (the CLI passes the file path)."""
+    path = config_path_from_environment()
+    if path is None:
+        raise RuntimeError("NEXUS_GATEWAY_CONFIG is not set; start the gateway with python -m sample_gateway")
+    return create_app(load_config(path), config_source=lambda: load_config(path))
+
+
+def create_benchmark_app(upstream_url: str | None = None, *, client: str = "aiohttp") -> GatewayEdge:
+    """The gateway with its default middleware stack in front of one upstream, for the load benchmark.
+
+    A `uvicorn --factory` target: `python -m benchmarks.load.run --gateway-app
+    sample_gateway.app:create_benchmark_app` (the upstream comes from `NEXUS_BENCH_UPSTREAM` then).
+    """
+    config = parse_config(
+        {
+            "upstream_client": client,
+            "services": [
+                {
+                    "name": "bench",
+                    "targets": [{"url": upstream_url or benchmark_upstream_from_environment()}],
+                    "health_check": {"enabled": False},
+                    "retry": {"attempts": 1},
+                }
+            ],
+            "routes": [{"path": "*", "service": "bench"}],
+            "admin": {"enabled": False},
+        }
+    )
+    return create_app(config)
+
+
+def bench_app() -> GatewayEdge:
+    """Row (d) of the load benchmark: `--gateway-app sample_gateway.app:bench_app` (docs/performance.md)."""
+    return create_benchmark_app()

@@ -1,0 +1,77 @@
+"""stack.py: the ordered table that wires middlewares around the gateway, first entry outermost."""
+
+from typing import Any
+
+from nexus_middleware.types import ASGIApp, Receive, Scope, Send
+from sample_gateway.config import GatewayConfig, parse_config
+from sample_gateway.registry import MemoryRegistryStore
+from sample_gateway.runtime import GatewayRuntime
+from sample_gateway.stack import STACK, build_stack, route_table
+from tests.support.asgi import make_scope, ok_app, run_asgi
+
+
+def config() -> GatewayConfig:
+    return parse_config(
+        {
+            "services": [{"name": "s", "targets": [{"url": "http://127.0.0.1:9001"}]}],
+            "routes": [
+                {
+                    "path": "/upload",
+                    "methods": ["POST"],
+                    "service": "s",
+                    "max_body_size": 100,
+                    "auth": "required",
+                },
+                {"path": "/*", "service": "s"},
+            ],
+            "admin": {"api_keys": ["k"]},
+        }
+    )
+
+
+class Tagging:
+    def __init__(self, app: ASGIApp, name: str, seen: list[str]) -> None:
+        self.app, self.name, self.seen = app, name, seen
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.seen.append(self.name)
+        await self.app(scope, receive, send)
+
+
+async def test_entries_wrap_in_order_and_none_leaves_a_layer_out() -> None:
+    seen: list[str] = []
+    cfg = config()
+    runtime = GatewayRuntime(cfg, registry_store=MemoryRegistryStore())
+
+    def tag(name: str) -> Any:
+        return lambda app, config, runtime: Tagging(app, name, seen)
+
+    entries = [
+        ("outer", tag("outer")),
+        ("skipped", lambda app, config, runtime: None),
+        ("inner", tag("inner")),
+    ]
+    app = build_stack(ok_app, cfg, runtime, entries=entries)
+    recorded = await run_asgi(app, make_scope("/"))
+    assert recorded.status == 200 and seen == ["outer", "inner"]
+
+
+def test_the_table_lists_every_concern_outermost_first() -> None:
+    assert [name for name, _ in STACK] == [
+        "problem_details",
+        "request_id",
+        "metrics",
+        "security_headers",
+        "body_limit",
+        "auth",
+        "rate_limits",
+        "rbac",
+        "breakers",
+        "overload",
+    ]
+
+
+def test_route_table_feeds_per_route_policies() -> None:
+    cfg = config()
+    assert route_table(cfg, "max_body_size") == [("/upload", ["POST"], 100), ("/*", None, None)]
+    assert route_table(cfg, "auth") == [("/upload", ["POST"], "required"), ("/*", None, "none")]
