@@ -32,7 +32,7 @@ from sample_gateway.config import (
 from sample_gateway.contracts import AttemptObserver, TargetSelector, UpstreamPolicy
 from sample_gateway.health import ActiveHealthChecker
 from sample_gateway.proxy import ReverseProxy
-from sample_gateway.routing import NoRoute
+from sample_gateway.routing import NoRoute, RouteMatch
 from sample_gateway.runtime import GatewayRuntime
 from sample_gateway.upstream_client import UpstreamClient, create_upstream_client
 
@@ -40,15 +40,34 @@ __all__ = [
     "Forwarder",
     "GatewayApp",
     "GatewayEdge",
+    "MATCH_EXTRA",
+    "UPSTREAM_EXTRA",
     "bench_app",
     "create_app",
     "create_app_from_environment",
     "create_benchmark_app",
+    "route_request",
 ]
 
 logger = logging.getLogger(__name__)
 
 REGISTRY_REFRESH_INTERVAL = 5.0  # seconds between re-reads of a shared (Redis) registry
+
+# The request-context extras the edge fills when it routes a request, before the policy layers run: the
+# match itself (read back by GatewayApp) and the chosen service (read by the breakers' `key="upstream"`).
+MATCH_EXTRA = "gateway.match"
+UPSTREAM_EXTRA = "proxy.service"
+
+
+def route_request(runtime: GatewayRuntime, scope: Scope, path: str) -> RouteMatch | NoRoute:
+    """Resolve the route once per request and publish it in the context for every layer below."""
+    match = runtime.router.resolve(scope, path)
+    context = get_context(scope)
+    context.extras[MATCH_EXTRA] = match
+    if not isinstance(match, NoRoute):
+        context.route = match.route.pattern
+        context.extras[UPSTREAM_EXTRA] = match.choice.backend.service
+    return match
 
 
 class Forwarder(Protocol):
@@ -77,7 +96,13 @@ def _default_data_plane(runtime: GatewayRuntime) -> tuple[Forwarder, UpstreamCli
         max_connections_per_host=max([0, *(pool.max_connections_per_host for pool in pools)]),
         keepalive_expiry=min([30.0, *(pool.keepalive_expiry for pool in pools)]),
     )
-    return ReverseProxy(client=client, client_resolver=runtime.resolver, clock=runtime.clock), client
+    proxy = ReverseProxy(
+        client=client,
+        client_resolver=runtime.resolver,
+        clock=runtime.clock,
+        header_hooks=runtime.header_hooks,
+    )
+    return proxy, client
 
 
 DataPlaneFactory = Callable[[GatewayRuntime], tuple[Forwarder, UpstreamClient]]
@@ -109,10 +134,13 @@ class GatewayApp:
             return
         if scope["type"] not in ("http", "websocket"):
             return
-        path = await _path_or_refuse(scope, send)
-        if path is None:
-            return
-        match = self.runtime.router.resolve(scope, path)
+        context = get_context(scope)
+        match = context.extras.get(MATCH_EXTRA)
+        if match is None:  # served without the edge (tests, embedding): route here
+            path = await _path_or_refuse(scope, send)
+            if path is None:
+                return
+            match = route_request(self.runtime, scope, path)
         if isinstance(match, NoRoute):
             await _refuse(scope, send, match)
             return
@@ -123,7 +151,6 @@ class GatewayApp:
         if forwarder is None:
             await send_problem(scope, send, _NOT_STARTED, headers=[(b"retry-after", b"1")], layer="gateway")
             return
-        get_context(scope).route = match.route.pattern
         choice = match.choice
         await forwarder.forward(
             scope,
@@ -145,6 +172,7 @@ class GatewayApp:
         health_client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
         self._closers.append(health_client.aclose)
         self._closers.append(runtime.registry.aclose)
+        self._closers.extend(runtime.closers)  # the middlewares' clients and stores (stack.py)
         checker = ActiveHealthChecker(runtime.tracker, runtime.check_policies, client=health_client)
         runtime.checker = checker
         try:
@@ -264,6 +292,11 @@ class GatewayEdge:
         ):
             await self._admin(scope, receive, send)
             return
+        metrics = self.runtime.metrics_endpoint
+        if metrics is not None and path == self.runtime.config.metrics.path and scope["type"] == "http":
+            await metrics(scope, receive, send)
+            return
+        route_request(self.runtime, scope, path)
         await self.app(scope, receive, send)
 
     async def _ready(self, scope: Scope, send: Send) -> None:

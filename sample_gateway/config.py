@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from nexus_middleware.api_keys import APIKeyRecord
 from nexus_middleware.errors import ConfigurationError
 from nexus_middleware.paths import PathPattern
 
@@ -284,6 +285,8 @@ class RouteConfig(_Model):
     rate_limits: list[str] = Field(default_factory=list)  # names of rate_limits.policies
     max_body_size: Annotated[int | None, Field(ge=0)] = None
     timeout: PositiveFloat | None = None  # overrides the service's total timeout
+    max_concurrent: Annotated[int | None, Field(ge=1)] = None  # in-flight cap (load shedding), None: none
+    queue_size: Annotated[int, Field(ge=0)] = 0  # requests waiting for a slot beyond max_concurrent
 
     @field_validator("path")
     @classmethod
@@ -334,16 +337,41 @@ class RouteConfig(_Model):
         return self
 
 
+class ClaimsConfig(_Model):
+    """Where the Principal's fields are read in a token: claim names or dotted paths."""
+
+    subject: str = "sub"
+    roles: str = "roles"
+    tenant: str | None = None
+    plan: str | None = None
+
+
 class IssuerConfig(_Model):
     issuer: str
     jwks_url: str
     audiences: list[str] = Field(default_factory=list)
     algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"])
+    claims: ClaimsConfig = Field(default_factory=ClaimsConfig)
+
+    @field_validator("audiences")
+    @classmethod
+    def _audiences(cls, value: list[str]) -> list[str]:
+        if not value or "" in value:
+            raise ValueError("must list at least one non-empty audience (RFC 8725 requires aud)")
+        return value
 
 
 class ApiKeySourceConfig(_Model):
     header: str = "x-api-key"
     storage: str | None = None  # a storage URI for hashed keys; None: storage.default
+    keys: list[dict[str, Any]] = Field(default_factory=list)  # pre-hashed records for a memory:// store
+
+    @field_validator("keys")
+    @classmethod
+    def _records(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for entry in value:
+            APIKeyRecord.from_dict(entry)  # a ConfigurationError is a ValueError: reported with its key
+        return value
 
 
 class AuthConfig(_Model):
@@ -415,11 +443,32 @@ class RateLimitsConfig(_Model):
 
 
 class MetricsConfig(_Model):
-    """Reserved for the observability layers."""
+    """The observability layers: Prometheus metrics and their endpoint, tracing, the access log."""
 
     enabled: bool = False
     path: str = "/metrics"
     tracing: bool = False
+    access_log: bool = False
+    allow: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])  # who may scrape
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") or value == "/":
+            raise ValueError("must start with '/' and not be '/'")
+        return value
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if item == "*":
+                continue
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an address, a CIDR or '*'") from None
+        return value
 
 
 class SecurityConfig(_Model):
@@ -494,6 +543,10 @@ def cross_check(config: GatewayConfig) -> list[tuple[str, str]]:
             for i, rule in enumerate(route.canary):
                 if rule.service is None:
                     problems.append((f"{where}.canary[{i}].service", "required when the route has a split"))
+        if route.auth != "none" and not config.auth.issuers and config.auth.api_keys is None:
+            problems.append((f"{where}.auth", f"is {route.auth!r} but auth has no issuers and no api_keys"))
+        if route.roles and route.auth == "none":
+            problems.append((f"{where}.roles", "needs auth 'required' or 'optional' to know the caller"))
         for i, policy in enumerate(route.rate_limits):
             if policy not in config.rate_limits.policies:
                 problems.append((f"{where}.rate_limits[{i}]", f"unknown rate-limit policy {policy!r}"))

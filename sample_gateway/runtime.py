@@ -7,11 +7,12 @@ reload for targets that stay.
 """
 
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from nexus_middleware.client import ClientAddressResolver
 from nexus_middleware.clock import SYSTEM_CLOCK, Clock
+from nexus_middleware.types import ASGIApp, Scope
 from sample_gateway.balancing import ServiceSelector, create_balancer
 from sample_gateway.config import GatewayConfig, RouteConfig, ServiceConfig
 from sample_gateway.contracts import RetryPolicy, UpstreamPolicy
@@ -90,6 +91,12 @@ class GatewayRuntime:
         self.checker: ActiveHealthChecker | None = None  # set by the app's lifespan
         self.breaker_states: BreakerStatesHook | None = None
         self.rate_limit_policies: RateLimitPoliciesHook | None = None
+        # Filled by stack.py while the middleware stack is built: closed by the app's lifespan, added to the
+        # proxy's outgoing headers (identity, traceparent), and the `/metrics` endpoint the edge answers.
+        self.closers: list[Callable[[], Awaitable[None]]] = []
+        self.header_hooks: list[Callable[[Scope, list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]]] = []
+        self.metrics_endpoint: ASGIApp | None = None
+        self.layers: list[str] = []  # the stack's layers, outermost first
         self._apply(config)
 
     def __repr__(self) -> str:

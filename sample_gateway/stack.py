@@ -34,24 +34,54 @@ Probes (`/healthz`, `/readyz`) and the admin prefix are answered by `GatewayEdge
 policy layer can never lock operators out; the admin API has its own credential check.
 """
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
 
-import nexus_middleware
+from nexus_middleware import (
+    AccessLogMiddleware,
+    APIKeyMiddleware,
+    APIKeyPolicy,
+    APIKeyStore,
+    BodySizeLimitMiddleware,
+    BreakerPolicy,
+    CircuitBreakerMiddleware,
+    ClaimMapping,
+    ConcurrencyLimitMiddleware,
+    ConcurrencyPolicy,
+    IdentityHeaders,
+    JWTAuthMiddleware,
+    JWTIssuer,
+    JWTPolicy,
+    MemoryAPIKeyStore,
+    MetricsApp,
+    MetricsMiddleware,
+    ProblemDetailsMiddleware,
+    Quota,
+    RateLimitMiddleware,
+    RateLimitOptions,
+    RateLimitPolicy,
+    RBACMiddleware,
+    RBACRule,
+    RedisAPIKeyStore,
+    RedisBreakerSync,
+    RequestIDMiddleware,
+    SecurityHeadersMiddleware,
+    TracingMiddleware,
+    get_context,
+    inject_trace_headers,
+    register_gauge_source,
+)
+from nexus_middleware.bearer import AuthMode
+from nexus_middleware.ratelimit_policy import OutagePolicy
+from nexus_middleware.storage import redis_client_from_url
 from nexus_middleware.types import ASGIApp
-from sample_gateway.config import GatewayConfig
+from sample_gateway.config import GatewayConfig, RateLimitPolicyConfig
 from sample_gateway.runtime import GatewayRuntime
 
 __all__ = ["ADMIN_STACK", "Factory", "STACK", "build_stack", "route_table", "wired"]
 
 Factory = Callable[[ASGIApp, GatewayConfig, GatewayRuntime], ASGIApp | None]
-
-T = TypeVar("T")
-
-
-def _middleware(name: str) -> Any:
-    """The middleware class when it is part of this nexus_middleware, else None (it lands later)."""
-    return getattr(nexus_middleware, name, None)
 
 
 def route_table(config: GatewayConfig, field: str) -> list[tuple[str, list[str] | None, Any]]:
@@ -60,60 +90,268 @@ def route_table(config: GatewayConfig, field: str) -> list[tuple[str, list[str] 
 
 
 def _problem_details(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
-    middleware = _middleware("ProblemDetailsMiddleware")
-    return None if middleware is None else middleware(app)
+    return ProblemDetailsMiddleware(app)
 
 
 def _request_id(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
-    middleware = _middleware("RequestIDMiddleware")
-    if middleware is None or not config.security.request_id:
-        return None
-    return middleware(app)  # type: ignore[no-any-return]
+    return RequestIDMiddleware(app) if config.security.request_id else None
 
 
 def _metrics(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
-    return None  # wire the observability middlewares here when `config.metrics.enabled`
+    if not config.metrics.enabled:
+        return None
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()  # one per gateway app: never prometheus-client's global registry
+    register_gauge_source(
+        registry,
+        "nexus_breaker_state",
+        lambda: _breaker_gauge(runtime),
+        documentation="Circuit breaker state per upstream service: 0 closed, 1 half-open, 2 open.",
+        labels=["key"],
+    )
+    register_gauge_source(
+        registry,
+        "nexus_upstream_target_healthy",
+        lambda: _health_gauge(runtime),
+        documentation="1 when the target receives traffic (healthy, not ejected), else 0.",
+        labels=["service", "target"],
+    )
+    runtime.metrics_endpoint = MetricsApp(
+        registry=registry, allow=config.metrics.allow, client_resolver=runtime.resolver
+    )
+    return MetricsMiddleware(app, registry=registry)
+
+
+_BREAKER_CODES = {"closed": 0, "half-open": 1, "open": 2}
+
+
+def _breaker_gauge(runtime: GatewayRuntime) -> Mapping[tuple[str, ...] | str, float]:
+    hook = runtime.breaker_states
+    return {} if hook is None else {state["key"]: _BREAKER_CODES[state["state"]] for state in hook()}
+
+
+def _health_gauge(runtime: GatewayRuntime) -> Mapping[tuple[str, ...] | str, float]:
+    values: dict[tuple[str, ...] | str, float] = {}
+    for name, health in runtime.tracker.services().items():
+        healthy = {target.id for target in health.healthy()}
+        for target in health.targets():
+            values[(name, target.id)] = 1.0 if target.id in healthy else 0.0
+    return values
+
+
+def _tracing(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
+    if not config.metrics.tracing:
+        return None
+    runtime.header_hooks.append(lambda scope, headers: inject_trace_headers(headers))
+    return TracingMiddleware(app)
+
+
+def _access_log(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
+    if not config.metrics.access_log:
+        return None
+    return AccessLogMiddleware(app, client_resolver=runtime.resolver)
 
 
 def _security_headers(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
-    middleware = _middleware("SecurityHeadersMiddleware")
-    if middleware is None or config.security.security_headers == "off":
+    if config.security.security_headers == "off":
         return None
-    return middleware(app, preset=config.security.security_headers)  # type: ignore[no-any-return]
+    return SecurityHeadersMiddleware(app, preset=config.security.security_headers)
 
 
 def _body_limit(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
-    middleware = _middleware("BodySizeLimitMiddleware")
     routes = [entry for entry in route_table(config, "max_body_size") if entry[2] is not None]
-    if middleware is None or (config.security.max_body_size is None and not routes):
+    if config.security.max_body_size is None and not routes:
         return None
-    return middleware(app, max_body_size=config.security.max_body_size, route_limits=routes or None)  # type: ignore[no-any-return]
+    return BodySizeLimitMiddleware(
+        app, max_body_size=config.security.max_body_size, route_limits=routes or None
+    )
+
+
+_AUTH_MODES: dict[str, AuthMode] = {"required": "required", "optional": "optional", "none": "exempt"}
+
+
+def _issuers(config: GatewayConfig) -> list[JWTIssuer]:
+    return [
+        JWTIssuer(
+            issuer.issuer,
+            issuer.audiences,
+            issuer.algorithms,
+            jwks_url=issuer.jwks_url,
+            claims=ClaimMapping(
+                subject=issuer.claims.subject,
+                roles=issuer.claims.roles,
+                tenant=issuer.claims.tenant,
+                plan=issuer.claims.plan,
+            ),
+        )
+        for issuer in config.auth.issuers
+    ]
+
+
+def _jwt(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime, **options: Any) -> ASGIApp:
+    middleware = JWTAuthMiddleware(
+        app, issuers=_issuers(config), policy=JWTPolicy(leeway=config.auth.leeway), **options
+    )
+    runtime.closers.append(middleware.aclose)
+    return middleware
+
+
+def _api_key_store(config: GatewayConfig) -> APIKeyStore:
+    source = config.auth.api_keys
+    assert source is not None
+    uri = source.storage or config.storage.default
+    if uri.startswith("memory://"):
+        return MemoryAPIKeyStore.from_config(source.keys)
+    return RedisAPIKeyStore.from_url(uri, prefix=config.storage.prefix + "apikeys:")
 
 
 def _auth(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
-    return None  # wire JWT (config.auth.issuers) and API keys (config.auth.api_keys) here
+    # Always on, authenticated or not: a client-forged X-Auth-Subject (or x_auth_subject) never reaches an
+    # upstream; the principal's identity replaces it.
+    identity = IdentityHeaders()
+    runtime.header_hooks.append(lambda scope, headers: identity.apply(headers, get_context(scope).principal))
+    modes = [(path, methods, _AUTH_MODES[mode]) for path, methods, mode in route_table(config, "auth")]
+    if all(mode == "exempt" for _, _, mode in modes):
+        return None
+    source = config.auth.api_keys
+    if source is not None:
+        store = _api_key_store(config)
+        runtime.closers.append(store.aclose)
+        policy = APIKeyPolicy(header_name=source.header, default="exempt")
+        app = APIKeyMiddleware(app, store=store, policy=policy, routes=modes)
+    if config.auth.issuers:
+        if source is not None:
+            # Outside the API-key layer, the JWT layer never refuses a missing token: the key layer below
+            # answers for the route (it lets an authenticated JWT principal through untouched).
+            modes = [
+                (path, methods, "exempt" if mode == "exempt" else "optional") for path, methods, mode in modes
+            ]
+        app = _jwt(app, config, runtime, routes=modes, default="exempt")
+    return app
+
+
+def _rate_limit_policies(
+    config: GatewayConfig, policies: dict[str, RateLimitPolicyConfig]
+) -> list[RateLimitPolicy]:
+    """One limiter policy per route that draws on named policies, each named policy one shared quota."""
+    outage = _OUTAGE[config.rate_limits.on_storage_error]
+    result: list[RateLimitPolicy] = []
+    for index, route in enumerate(config.routes):
+        names = route.rate_limits or config.rate_limits.default
+        if not names:
+            continue
+        chosen = [policies[name] for name in names]
+        result.append(
+            RateLimitPolicy(
+                route.name or f"route-{index}",
+                quotas=tuple(
+                    Quota(name, ";".join(policy.limits), key=policy.key)
+                    for name, policy in zip(names, chosen, strict=True)
+                ),
+                paths=(route.path,),
+                methods=None if route.methods is None else frozenset(route.methods),
+                cost=max(policy.cost for policy in chosen),
+                shadow=all(policy.shadow for policy in chosen),
+                on_store_error=outage,
+            )
+        )
+    return result
+
+
+_OUTAGE: dict[str, OutagePolicy] = {"open": "fail_open", "closed": "fail_closed", "local": "local_fallback"}
+
+
+class _RateLimitHook:
+    """The admin API's view of the limiter: the named policies, replaced without a restart."""
+
+    def __init__(self, middleware: RateLimitMiddleware, runtime: GatewayRuntime) -> None:
+        self._middleware = middleware
+        self._runtime = runtime
+
+    def get(self) -> dict[str, Any]:
+        return {
+            name: policy.model_dump() for name, policy in self._runtime.config.rate_limits.policies.items()
+        }
+
+    def replace(self, policies: dict[str, Any]) -> None:
+        parsed = {name: RateLimitPolicyConfig.model_validate(policy) for name, policy in policies.items()}
+        self._middleware.replace_policies(_rate_limit_policies(self._runtime.config, parsed))
 
 
 def _rate_limits(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
-    return None  # wire the rate limiter (config.rate_limits) here; set runtime.rate_limit_policies
+    if not config.rate_limits.policies:
+        return None
+    middleware = RateLimitMiddleware(
+        app,
+        policies=_rate_limit_policies(config, config.rate_limits.policies),
+        storage=config.storage.uri_for("rate_limits"),
+        options=RateLimitOptions(key_prefix=config.storage.prefix + "rl:"),
+        client_resolver=runtime.resolver,
+        clock=runtime.clock,
+    )
+    runtime.closers.append(middleware.aclose)
+    runtime.rate_limit_policies = _RateLimitHook(middleware, runtime)
+    return middleware
 
 
 def _rbac(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
-    return None  # wire RBAC (route_table(config, "roles")) here
+    rules = [
+        RBACRule(route.name or f"routes[{index}]", route.path, methods=route.methods, roles=route.roles)
+        for index, route in enumerate(config.routes)
+        if route.roles
+    ]
+    return RBACMiddleware(app, rules=rules, default="allow") if rules else None
 
 
 def _breakers(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
-    return None  # wire the breakers (services[].breaker) here; set runtime.breaker_states
+    policies = {
+        service.name: BreakerPolicy(
+            failure_threshold=service.breaker.failure_threshold,
+            failure_ratio=service.breaker.error_ratio,
+            minimum_requests=service.breaker.minimum_requests,
+            reset_timeout=service.breaker.recovery_timeout,
+            half_open_max_calls=service.breaker.half_open_requests,
+        )
+        for service in config.services
+        if service.breaker.enabled
+    }
+    if not policies:
+        return None
+    sync = None
+    uri = config.storage.uri_for("breakers")
+    if not uri.startswith("memory://"):
+        client = redis_client_from_url(uri)
+        runtime.closers.append(client.aclose)
+        sync = RedisBreakerSync(client, prefix=config.storage.prefix + "breaker:")
+    middleware = CircuitBreakerMiddleware(
+        app, key="upstream", policy=None, key_policies=policies, sync=sync, clock=runtime.clock
+    )
+    runtime.breaker_states = lambda: [asdict(snapshot) for snapshot in middleware.states().values()]
+    return middleware
 
 
 def _overload(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
-    return None  # wire concurrency limits / load shedding here
+    routes = [
+        (
+            route.path,
+            route.methods,
+            ConcurrencyPolicy(max_concurrent=route.max_concurrent, queue_size=route.queue_size),
+        )
+        for route in config.routes
+        if route.max_concurrent is not None
+    ]
+    if not routes:
+        return None
+    return ConcurrencyLimitMiddleware(app, policy=None, key="route", routes=routes, clock=runtime.clock)
 
 
 STACK: Sequence[tuple[str, Factory]] = (
     ("problem_details", _problem_details),
     ("request_id", _request_id),
+    ("tracing", _tracing),
     ("metrics", _metrics),
+    ("access_log", _access_log),
     ("security_headers", _security_headers),
     ("body_limit", _body_limit),
     ("auth", _auth),
@@ -125,7 +363,10 @@ STACK: Sequence[tuple[str, Factory]] = (
 
 
 def _admin_auth(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
-    return None  # wire JWT authentication (optional mode) for admin principals with admin.roles here
+    if not config.auth.issuers:
+        return None
+    # Publishes the principal, never refuses: AdminApp accepts one holding an admin role, or an admin key.
+    return _jwt(app, config, runtime, default="optional")
 
 
 ADMIN_STACK: Sequence[tuple[str, Factory]] = (
@@ -143,16 +384,17 @@ def build_stack(
     entries: Iterable[tuple[str, Factory]] = STACK,
 ) -> ASGIApp:
     """Wrap `app` in the configured layers, the first entry outermost."""
-    for _, factory in reversed(list(entries)):
+    layers: list[str] = []
+    for name, factory in reversed(list(entries)):
         wrapped = factory(app, config, runtime)
         if wrapped is not None:
             app = wrapped
+            layers.insert(0, name)
+    if entries is STACK:
+        runtime.layers = layers
     return app
 
 
 def wired(config: GatewayConfig, runtime: GatewayRuntime) -> list[str]:
-    """The names of the layers the config turns on with the middlewares available now (for the admin API)."""
-    from sample_gateway.app import GatewayApp
-
-    probe = GatewayApp(runtime)
-    return [name for name, factory in STACK if factory(probe, config, runtime) is not None]
+    """The names of the layers the running stack holds, outermost first (for the admin API)."""
+    return list(runtime.layers)

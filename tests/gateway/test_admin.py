@@ -174,7 +174,7 @@ async def test_view_and_replace_rate_limit_policies() -> None:
         runtime.rate_limit_policies = Hook()
         hooked = await http.put("/_admin/rate-limits", headers=AUTH, json={"policies": new})
         view = (await http.get("/_admin/rate-limits", headers=AUTH)).json()
-    assert before["policies"]["basic"]["limits"] == ["10/second"] and before["enforced"] is False
+    assert before["policies"]["basic"]["limits"] == ["10/second"] and before["enforced"] is True
     assert ok.status_code == 200 and ok.json()["policies"]["gold"]["key"] == "principal"
     assert runtime.config.rate_limits.policies["basic"].limits == ["5/second"]
     assert bad.status_code == 400 and "rate_limits.policies.x.limits" in bad.json()["detail"]

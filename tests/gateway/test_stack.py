@@ -25,6 +25,7 @@ def config() -> GatewayConfig:
                 {"path": "/*", "service": "s"},
             ],
             "admin": {"api_keys": ["k"]},
+            "auth": {"api_keys": {"keys": []}},
         }
     )
 
@@ -60,7 +61,9 @@ def test_the_table_lists_every_concern_outermost_first() -> None:
     assert [name for name, _ in STACK] == [
         "problem_details",
         "request_id",
+        "tracing",
         "metrics",
+        "access_log",
         "security_headers",
         "body_limit",
         "auth",
