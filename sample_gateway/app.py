@@ -323,14 +323,14 @@ def create_app(
 ) -> GatewayEdge:
     """The gateway for `config`: edge, middleware stack, proxy. Serve it with uvicorn (lifespan on)."""
     from sample_gateway.admin import AdminApp
-    from sample_gateway.stack import build_stack
+    from sample_gateway.stack import ADMIN_STACK, build_stack
 
     if runtime is None:
         runtime = GatewayRuntime(config, config_source=config_source)
     app = GatewayApp(runtime, data_plane=data_plane)
     stacked = build_stack(app, config, runtime)
     admin = (
-        AdminApp(runtime, prefix=config.admin.prefix)
+        build_stack(AdminApp(runtime, prefix=config.admin.prefix), config, runtime, entries=ADMIN_STACK)
         if config.admin.enabled and not config.admin.listen
         else None
     )

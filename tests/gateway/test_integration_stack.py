@@ -1,0 +1,242 @@
+"""The gateway's default stack wired from the config, end to end: real uvicorn, real upstreams, a real JWKS
+server and real Redis, each layer seen through what the client and the upstream receive."""
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio
+from joserfc.jwk import ECKey
+
+from nexus_middleware import hash_api_key_secret
+from sample_gateway.app import create_app
+from sample_gateway.config import parse_config
+from tests.support.idp import AUDIENCE, ISSUER, JWKSApp, mint
+from tests.support.servers import serve
+from tests.support.upstream import UpstreamApp
+
+pytestmark = pytest.mark.e2e
+
+ADMIN_KEY = "stack-admin-key"
+ADMIN = {"x-admin-key": ADMIN_KEY}
+KEY_ID = "0123456789abcdef"
+KEY_SECRET = "s3cr3t-" + "k" * 36
+API_KEY = f"nx_{KEY_ID}_{KEY_SECRET}"
+
+
+def settings(upstream_url: str, *, routes: list[dict[str, Any]], **sections: Any) -> dict[str, Any]:
+    service: dict[str, Any] = {
+        "name": "echo",
+        "targets": [{"url": upstream_url, "id": "t0"}],
+        "health_check": {"enabled": False},
+        "outlier_detection": {"enabled": False},
+        "retry": {"attempts": 1},
+    }
+    service.update(sections.pop("service", {}))
+    return {
+        "services": [service],
+        "routes": [{**route, "service": "echo"} for route in routes],
+        "admin": {"api_keys": [ADMIN_KEY]},
+        **sections,
+    }
+
+
+@contextlib.asynccontextmanager
+async def gateway(data: dict[str, Any]) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(parse_config(data, environ={}))
+    async with serve(app, lifespan="on") as base, httpx.AsyncClient(base_url=base) as http:
+        yield http
+
+
+@contextlib.asynccontextmanager
+async def upstream() -> AsyncIterator[tuple[str, UpstreamApp]]:
+    app = UpstreamApp(name="echo")
+    async with serve(app) as url:
+        yield url, app
+
+
+@contextlib.asynccontextmanager
+async def identity_provider(key: ECKey) -> AsyncIterator[dict[str, Any]]:
+    async with serve(JWKSApp(keys=[key])) as url:
+        yield {"issuers": [{"issuer": ISSUER, "jwks_url": f"{url}/jwks", "audiences": [AUDIENCE]}]}
+
+
+def token(key: ECKey, **claims: Any) -> dict[str, str]:
+    return {"authorization": f"Bearer {mint(key, now=time.time(), **claims)}"}
+
+
+def upstream_headers(response: httpx.Response, name: str) -> list[str]:
+    return [value for key, value in response.json()["headers"] if key.lower() == name]
+
+
+@pytest.fixture
+def signing_key() -> ECKey:
+    return ECKey.generate_key("P-256", parameters={"kid": "ec-1"})
+
+
+async def test_a_jwt_route_refuses_without_a_token_and_forwards_only_the_principals_identity(
+    signing_key: ECKey,
+) -> None:
+    forged = [("X-Auth-Subject", "mallory"), ("x_auth_subject", "mallory"), ("X-Auth-Roles", "admin")]
+    routes = [{"path": "/secure/*", "auth": "required"}, {"path": "/open/*"}]
+    async with (
+        upstream() as (url, app),
+        identity_provider(signing_key) as auth,
+        gateway(settings(url, routes=routes, auth=auth)) as http,
+    ):
+        missing = await http.get("/secure/orders")
+        bad = await http.get("/secure/orders", headers={"authorization": "Bearer not.a.token"})
+        allowed = await http.get("/secure/orders", headers=[*token(signing_key).items(), *forged])
+        public = await http.get("/open/page", headers=forged)
+        admin = await http.get("/_admin/breakers", headers=token(signing_key, roles=["gateway-admin"]))
+        not_admin = await http.get("/_admin/breakers", headers=token(signing_key, roles=["user"]))
+    assert missing.status_code == 401
+    assert missing.headers["content-type"] == "application/problem+json"
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    assert bad.status_code == 401 and 'error="invalid_token"' in bad.headers["www-authenticate"]
+    assert allowed.status_code == 200
+    assert upstream_headers(allowed, "x-auth-subject") == ["alice"]
+    assert upstream_headers(allowed, "x_auth_subject") == upstream_headers(allowed, "x-auth-roles") == []
+    assert upstream_headers(public, "x-auth-subject") == upstream_headers(public, "x_auth_subject") == []
+    assert [path for _, path in app.received] == ["/secure/orders", "/open/page"]  # refusals never forwarded
+    assert admin.status_code == 200 and not_admin.status_code == 401
+
+
+async def test_an_api_key_route_admits_a_valid_key_only() -> None:
+    record = {"key_id": KEY_ID, "secret_hash": hash_api_key_secret(KEY_SECRET), "owner": "billing-bot"}
+    auth = {"api_keys": {"header": "x-api-key", "keys": [record]}}
+    async with (
+        upstream() as (url, app),
+        gateway(settings(url, routes=[{"path": "/billing/*", "auth": "required"}], auth=auth)) as http,
+    ):
+        missing = await http.get("/billing/invoices")
+        wrong = await http.get("/billing/invoices", headers={"x-api-key": f"nx_{KEY_ID}_{'w' * 43}"})
+        allowed = await http.get("/billing/invoices", headers={"x-api-key": API_KEY})
+    assert missing.status_code == wrong.status_code == 401
+    assert missing.headers["content-type"] == "application/problem+json"
+    assert allowed.status_code == 200 and upstream_headers(allowed, "x-auth-subject") == ["billing-bot"]
+    assert len(app.received) == 1
+
+
+async def test_rbac_refuses_a_principal_without_the_routes_role(signing_key: ECKey) -> None:
+    routes = [{"path": "/ops/*", "auth": "required", "roles": ["ops"]}]
+    async with (
+        upstream() as (url, app),
+        identity_provider(signing_key) as auth,
+        gateway(settings(url, routes=routes, auth=auth)) as http,
+    ):
+        role_less = await http.get("/ops/deploy", headers=token(signing_key))
+        other_role = await http.get("/ops/deploy", headers=token(signing_key, roles=["viewer"]))
+        operator = await http.get("/ops/deploy", headers=token(signing_key, roles=["ops"]))
+    assert role_less.status_code == other_role.status_code == 403
+    assert role_less.headers["content-type"] == "application/problem+json"
+    assert operator.status_code == 200 and len(app.received) == 1
+
+
+def limited(url: str, limit: str, **sections: Any) -> dict[str, Any]:
+    return settings(
+        url,
+        routes=[{"path": "/items/{id}", "rate_limits": ["tight"]}, {"path": "/free/*"}],
+        rate_limits={"policies": {"tight": {"limits": [limit], "key": "client"}}},
+        **sections,
+    )
+
+
+async def test_a_rate_limited_route_sends_ratelimit_headers_and_429_after_the_limit() -> None:
+    async with upstream() as (url, app), gateway(limited(url, "3/minute")) as http:
+        answers = [await http.get(f"/items/{n}") for n in range(4)]
+        free = await http.get("/free/x")
+    assert [answer.status_code for answer in answers] == [200, 200, 200, 429]
+    assert all("ratelimit" in answer.headers for answer in answers[:3])
+    assert answers[3].headers["content-type"] == "application/problem+json"
+    assert int(answers[3].headers["retry-after"]) > 0
+    assert free.status_code == 200 and "ratelimit" not in free.headers
+    assert len(app.received) == 4  # three limited ones and the free one
+
+
+async def test_the_rate_limit_counters_live_in_redis_under_the_storage_prefix(
+    redis_url: str, redis_client: "redis.asyncio.Redis", redis_prefix: str
+) -> None:
+    storage = {"rate_limits": redis_url, "prefix": redis_prefix}
+    async with upstream() as (url, _), gateway(limited(url, "2/minute", storage=storage)) as http:
+        statuses = [(await http.get(f"/items/{n}")).status_code for n in range(3)]
+    keys = [key.decode() if isinstance(key, bytes) else key async for key in redis_client.scan_iter("*")]
+    ours = [key for key in keys if key.startswith(redis_prefix)]
+    assert statuses == [200, 200, 429]
+    assert ours and all(key.startswith(redis_prefix + "rl:") for key in ours)
+
+
+async def test_admin_replaces_rate_limit_policies_without_a_restart() -> None:
+    async with upstream() as (url, _), gateway(limited(url, "100/minute")) as http:
+        before = [(await http.get("/items/1")).status_code for _ in range(3)]
+        replaced = await http.put(
+            "/_admin/rate-limits", headers=ADMIN, json={"policies": {"tight": {"limits": ["1/minute"]}}}
+        )
+        view = (await http.get("/_admin/rate-limits", headers=ADMIN)).json()
+        after = [(await http.get("/items/1")).status_code for _ in range(2)]
+    assert before == [200, 200, 200]
+    assert replaced.status_code == 200 and view["enforced"] is True
+    assert view["policies"]["tight"]["limits"] == ["1/minute"]
+    assert after == [200, 429]  # a fresh quota size: the new policy is in force at once
+
+
+async def test_the_breaker_opens_on_upstream_failures_and_answers_503_without_calling_it() -> None:
+    breaker = {"breaker": {"enabled": True, "failure_threshold": 3, "recovery_timeout": 60}}
+    data = settings("http://unused", routes=[{"path": "/*"}], service=breaker)
+    async with upstream() as (url, app):
+        data["services"][0]["targets"][0]["url"] = url
+        async with gateway(data) as http:
+            failing = [(await http.get("/status/500")).status_code for _ in range(3)]
+            refused = await http.get("/status/200")
+            states = (await http.get("/_admin/breakers", headers=ADMIN)).json()
+    assert failing == [500, 500, 500]
+    assert refused.status_code == 503 and "retry-after" in refused.headers
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert len(app.received) == 3  # the open breaker never called the upstream
+    assert states["wired"] is True
+    assert [(state["key"], state["state"]) for state in states["breakers"]] == [("echo", "open")]
+
+
+async def test_metrics_count_requests_by_route_template_and_refuse_other_addresses() -> None:
+    metrics = {"enabled": True, "allow": ["10.0.0.0/8"]}
+    data = settings(
+        "http://unused",
+        routes=[{"path": "/items/{id}"}],
+        metrics=metrics,
+        trusted_proxies=["127.0.0.1/32"],
+    )
+    async with upstream() as (url, _):
+        data["services"][0]["targets"][0]["url"] = url
+        async with gateway(data) as http:
+            for item in ("1", "2", "3"):
+                assert (await http.get(f"/items/{item}")).status_code == 200
+            refused = await http.get("/metrics", headers={"x-forwarded-for": "203.0.113.9"})
+            direct = await http.get("/metrics")
+            scrape = await http.get("/metrics", headers={"x-forwarded-for": "10.1.2.3"})
+    assert refused.status_code == direct.status_code == 403
+    assert scrape.status_code == 200
+    text = scrape.text
+    assert 'route="/items/{id}"' in text and 'route="/items/1"' not in text
+    requests_line = next(
+        line
+        for line in text.splitlines()
+        if line.startswith("nexus_http_requests_total{") and 'route="/items/{id}"' in line
+    )
+    assert requests_line.endswith(" 3.0")
+    assert 'nexus_upstream_target_healthy{service="echo",target="t0"} 1.0' in text
+
+
+async def test_traceparent_reaches_the_upstream() -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    incoming = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    async with upstream() as (url, _):
+        data = settings(url, routes=[{"path": "/*"}], metrics={"tracing": True})
+        async with gateway(data) as http:
+            answer = await http.get("/traced", headers=incoming)
+            fresh = await http.get("/traced")
+    forwarded = upstream_headers(answer, "traceparent")
+    assert len(forwarded) == 1 and forwarded[0].split("-")[1] == trace_id
+    assert len(upstream_headers(fresh, "traceparent")) <= 1
