@@ -349,7 +349,7 @@ class ClaimsConfig(_Model):
 class IssuerConfig(_Model):
     issuer: str
     jwks_url: str
-    audiences: list[str] = Field(default_factory=list)
+    audiences: list[str] = Field(default_factory=list, validate_default=True)
     algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256"])
     claims: ClaimsConfig = Field(default_factory=ClaimsConfig)
 

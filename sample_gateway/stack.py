@@ -1,37 +1,45 @@
 """The gateway's middleware stack, built from the config in ONE place: the ordered `STACK` table below.
 
 Each entry is `(name, factory)`; a factory takes the app it wraps, the config and the runtime, and returns the
-wrapped app, or None to leave the layer out (not configured, or its middleware has not landed yet). Entries
-are listed outermost first, in the order docs/composition.md explains (`ProblemDetailsMiddleware`, the
-safety net, outside everything). To wire a middleware, fill in its factory; nothing else changes:
+wrapped app, or None to leave the layer out (not configured). Entries are listed outermost first, in the order
+docs/composition.md explains (`ProblemDetailsMiddleware`, the safety net, outside everything). Optional
+layers are off unless the config turns them on, so the default stack stays lean (docs/performance.md):
 
-- `problem_details`: `ProblemDetailsMiddleware`, always on (outermost safety net).
+- `problem_details`: `ProblemDetailsMiddleware`, always on.
 - `request_id`: `RequestIDMiddleware`; `security.request_id`.
-- `metrics`: the Prometheus / OpenTelemetry middlewares; `metrics.*`. The gateway records the matched route
-  pattern in `ctx.route` and every layer's decisions in `ctx.decisions`.
+- `tracing`: `TracingMiddleware`; `metrics.tracing`. Adds `inject_trace_headers` as a proxy header hook, so
+  `traceparent` reaches upstreams.
+- `metrics`: `MetricsMiddleware` on a registry of its own; `metrics.enabled`. `MetricsApp` at `metrics.path`
+  (answered by the edge, restricted to `metrics.allow` through `runtime.resolver`), with the
+  `nexus_breaker_state{key}` and `nexus_upstream_target_healthy{service,target}` gauge sources.
+- `access_log`: `AccessLogMiddleware`; `metrics.access_log`.
 - `security_headers`: `SecurityHeadersMiddleware`; `security.security_headers` (a preset, or "off").
-- `body_limit`: `BodySizeLimitMiddleware`; `security.max_body_size`, per route
-  `route_table(config, "max_body_size")`.
-- `auth`: the JWT and API-key middlewares; `auth.issuers`, `auth.api_keys`, `auth.leeway`, `storage`; per
-  route `route_table(config, "auth")` ("required" | "optional" | "none") and `route_table(config, "roles")`.
-- `rate_limits`: the rate limiter; `rate_limits.policies`, `rate_limits.default`,
-  `rate_limits.on_storage_error`, `storage.uri_for("rate_limits")`; per route
-  `route_table(config, "rate_limits")` (policy names).
-- `rbac`: role checks; per route `route_table(config, "roles")`.
-- `breakers`: the circuit breakers; `services[].breaker`, `storage.uri_for("breakers")`; the proxy records the
-  service in the `proxy` decision.
-- `overload`: concurrency limits and load shedding (no config keys yet: add them under `routes[]`).
+- `body_limit`: `BodySizeLimitMiddleware`; `security.max_body_size`, per route `routes[].max_body_size`.
+- `auth`: `JWTAuthMiddleware` (`auth.issuers`, `auth.leeway`) and `APIKeyMiddleware` (`auth.api_keys`: a
+  `MemoryAPIKeyStore` of pre-hashed `keys`, or a `RedisAPIKeyStore` for a Redis `storage`); per route
+  `routes[].auth`. With both, the JWT layer is optional and the key layer answers for the route (it lets a
+  JWT principal through). `IdentityHeaders` is always a proxy header hook: client-sent identity headers are
+  stripped, the principal's set.
+- `rate_limits`: `RateLimitMiddleware`; `rate_limits.*`, `storage.uri_for("rate_limits")`, per route
+  `routes[].rate_limits`. Fills `runtime.rate_limit_policies` (admin view and `replace_policies`).
+- `rbac`: `RBACMiddleware`; per route `routes[].roles` (any one of them).
+- `breakers`: `CircuitBreakerMiddleware(key="upstream")`, one policy per service with `services[].breaker`;
+  `storage.uri_for("breakers")` on Redis shares states (`RedisBreakerSync`). Fills `runtime.breaker_states`.
+- `overload`: `ConcurrencyLimitMiddleware`; per route `routes[].max_concurrent` and `routes[].queue_size`.
+Route timeouts (`routes[].timeout`) are enforced once, by the proxy's deadline: no `TimeoutMiddleware`.
 
-The admin API has its own, shorter table, `ADMIN_STACK`: fill its `auth` entry with the JWT middleware in
-optional mode (it publishes the principal, never refuses) and `AdminApp` accepts a principal holding one of
-`admin.roles` in addition to the API keys.
+The edge (`GatewayEdge`) routes each request before this stack runs, leaving the route pattern in
+`ctx.route` and the chosen service in `ctx.extras["proxy.service"]` for the metrics and the breakers.
 
-Every layer that needs the client address takes `runtime.resolver` (built from `trusted_proxies`). The
-admin API exposes two hooks a layer fills when it is wired: `runtime.breaker_states` (a callable returning
-one dict per breaker) and `runtime.rate_limit_policies` (an object with `get()` and `replace(policies)`).
+The admin API has its own, shorter table, `ADMIN_STACK`, whose `auth` entry is the JWT middleware in optional
+mode (it publishes the principal, never refuses): `AdminApp` accepts a principal holding one of `admin.roles`
+in addition to the API keys.
 
-Probes (`/healthz`, `/readyz`) and the admin prefix are answered by `GatewayEdge` outside this stack, so a
-policy layer can never lock operators out; the admin API has its own credential check.
+Every layer that needs the client address takes `runtime.resolver` (built from `trusted_proxies`). Clients
+and stores a layer opens are closed by the app's lifespan (`runtime.closers`).
+
+Probes (`/healthz`, `/readyz`), `/metrics` and the admin prefix are answered by `GatewayEdge` outside this
+stack, so a policy layer can never lock operators out; the admin API has its own credential check.
 """
 
 from collections.abc import Callable, Iterable, Mapping, Sequence

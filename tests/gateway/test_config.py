@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from sample_gateway.app import create_app
 from sample_gateway.config import (
     GatewayConfig,
     GatewayConfigError,
@@ -14,6 +15,8 @@ from sample_gateway.config import (
     parse_config,
     parse_config_text,
 )
+from sample_gateway.registry import MemoryRegistryStore
+from sample_gateway.runtime import GatewayRuntime
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,6 +47,27 @@ def test_example_config_validates_and_exercises_every_section() -> None:
     assert users.strip_prefix == "/api" and users.canary and users.auth == "required"
     assert config.routes[1].split is not None and config.routes[1].sticky is not None
     assert config.admin.api_keys[0].get_secret_value() == "change-me-admin-key"
+
+
+def test_the_example_config_wires_every_layer_it_configures() -> None:
+    config = load_config(ROOT / "examples" / "gateway.yaml", environ={})
+    runtime = GatewayRuntime(config, registry_store=MemoryRegistryStore())
+    create_app(config, runtime=runtime)
+    assert runtime.layers == [
+        "problem_details",
+        "request_id",
+        "metrics",
+        "access_log",
+        "security_headers",
+        "body_limit",
+        "auth",
+        "rate_limits",
+        "rbac",
+        "breakers",
+        "overload",
+    ]
+    assert runtime.metrics_endpoint is not None and runtime.rate_limit_policies is not None
+    assert runtime.breaker_states is not None and runtime.breaker_states() == []
 
 
 @pytest.mark.parametrize(
@@ -133,6 +157,33 @@ def test_example_config_validates_and_exercises_every_section() -> None:
             "rate_limits.policies.p.limits",
             "'lots'",
         ),
+        (
+            {"routes": [{"path": "/users/*", "service": "users", "auth": "required"}]},
+            "routes[0].auth",
+            "no issuers and no api_keys",
+        ),
+        (
+            {"routes": [{"path": "/users/*", "service": "users", "roles": ["ops"]}]},
+            "routes[0].roles",
+            "needs auth 'required' or 'optional'",
+        ),
+        (
+            {"routes": [{"path": "/users/*", "service": "users", "max_concurrent": 0}]},
+            "routes[0].max_concurrent",
+            "greater than or equal to 1",
+        ),
+        (
+            {"auth": {"issuers": [{"issuer": "https://i/", "jwks_url": "https://i/jwks"}]}},
+            "auth.issuers[0].audiences",
+            "at least one non-empty audience",
+        ),
+        (
+            {"auth": {"api_keys": {"keys": [{"key_id": "abcd", "owner": "o"}]}}},
+            "auth.api_keys.keys",
+            "needs 'secret_hash'",
+        ),
+        ({"metrics": {"allow": ["10.0.0.0/33"]}}, "metrics.allow", "not an address, a CIDR or '*'"),
+        ({"metrics": {"path": "metrics"}}, "metrics.path", "must start with '/'"),
     ],
 )
 def test_a_bad_config_names_the_key_and_the_problem(change: dict[str, Any], key: str, problem: str) -> None:

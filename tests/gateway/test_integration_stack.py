@@ -1,7 +1,9 @@
 """The gateway's default stack wired from the config, end to end: real uvicorn, real upstreams, a real JWKS
 server and real Redis, each layer seen through what the client and the upstream receive."""
 
+import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -240,3 +242,34 @@ async def test_traceparent_reaches_the_upstream() -> None:
     forwarded = upstream_headers(answer, "traceparent")
     assert len(forwarded) == 1 and forwarded[0].split("-")[1] == trace_id
     assert len(upstream_headers(fresh, "traceparent")) <= 1
+
+
+async def test_a_route_over_its_concurrency_limit_sheds_with_503() -> None:
+    routes = [{"path": "/delay", "max_concurrent": 1}, {"path": "/*"}]
+    async with upstream() as (url, app), gateway(settings(url, routes=routes)) as http:
+        slow = asyncio.create_task(http.get("/delay", params={"seconds": "0.5"}))
+        while app.in_flight == 0:  # noqa: ASYNC110 - the real upstream only exposes a counter
+            await asyncio.sleep(0.01)
+        shed = await http.get("/delay", params={"seconds": "0"})
+        other = await http.get("/elsewhere")
+        held = await slow
+    assert held.status_code == 200 and other.status_code == 200
+    assert shed.status_code == 503 and "retry-after" in shed.headers
+    assert shed.headers["content-type"] == "application/problem+json"
+    assert len(app.received) == 2  # the shed request never reached the upstream
+
+
+async def test_the_access_log_writes_one_line_per_request_with_the_status_sent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="nexus_middleware.access_log")
+    routes = [{"path": "/items/{id}", "methods": ["GET"]}]
+    async with (
+        upstream() as (url, _),
+        gateway(settings(url, routes=routes, metrics={"access_log": True})) as http,
+    ):
+        assert (await http.get("/items/1")).status_code == 200
+        assert (await http.post("/items/1")).status_code == 405
+    lines = [record.getMessage() for record in caplog.records if record.name == "nexus_middleware.access_log"]
+    assert len(lines) == 2
+    assert "200" in lines[0] and "/items/1" in lines[0] and "405" in lines[1]
