@@ -12,7 +12,7 @@ of this app. A missing and a wrong credential get the same 401.
 | GET | `/services`, `/services/{name}` | targets with health, ejection and in-flight counts |
 | POST | `/services/{name}/targets` | register a target (`url`, `id`, `weight`, `version`, `zone`, `tags`) |
 | DELETE | `/services/{name}/targets/{id}` | deregister a dynamic target |
-| GET | `/breakers` | breaker states (empty until the breakers are wired) |
+| GET | `/breakers` | breaker states, one per service with `services[].breaker` (`wired: false` without any) |
 | GET, PUT | `/rate-limits` | view and replace the rate-limit policies |
 | POST | `/reload` | reload the config: the body (YAML or JSON) or, empty, the file; validated first |
 | GET | `/status` | a small live status page (HTML) |
@@ -40,6 +40,7 @@ from sample_gateway.config import (
     config_from_text,
     cross_check,
     format_location,
+    stack_policy_changes,
 )
 from sample_gateway.registry import TargetConflictError, UnknownServiceError, build_target, target_to_dict
 from sample_gateway.runtime import GatewayRuntime
@@ -302,6 +303,15 @@ class AdminApp:
             )
             raise _Refusal(problem) from None
         previous = runtime.config
+        fixed = stack_policy_changes(previous, config)
+        if fixed:
+            problem = Problem(
+                409,
+                "Per-route policies and breakers are built at start-up: restart the gateway to change them; "
+                "the running configuration is kept.",
+                extensions={"changed": fixed},
+            )
+            raise _Refusal(problem)
         runtime.reload(config)
         restart = [key for key in RESTART_KEYS if getattr(previous, key) != getattr(config, key)]
         return 200, {

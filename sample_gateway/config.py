@@ -43,6 +43,7 @@ __all__ = [
     "AuthConfig",
     "BreakerConfig",
     "CanaryRule",
+    "ClaimsConfig",
     "ENV_PREFIX",
     "GatewayConfig",
     "GatewayConfigError",
@@ -72,6 +73,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_config_text",
+    "stack_policy_changes",
 ]
 
 ENV_PREFIX = "NEXUS__"
@@ -375,7 +377,7 @@ class ApiKeySourceConfig(_Model):
 
 
 class AuthConfig(_Model):
-    """Reserved for the authentication layers (wired in stack.py when they land)."""
+    """The authentication layers: JWT issuers and API keys (wired in stack.py)."""
 
     issuers: list[IssuerConfig] = Field(default_factory=list)
     api_keys: ApiKeySourceConfig | None = None
@@ -418,7 +420,7 @@ class AdminConfig(_Model):
 
 
 class RateLimitPolicyConfig(_Model):
-    """Reserved for the rate-limit layer: `limits` strings such as "100/minute"."""
+    """One named rate-limit policy: `limits` strings such as "100/minute", its key, cost and shadow mode."""
 
     limits: list[str]
     key: Literal["client", "principal", "tenant", "api_key", "route"] = "client"
@@ -571,6 +573,40 @@ def cross_check(config: GatewayConfig) -> list[tuple[str, str]]:
     if config.admin.enabled and not config.admin.api_keys and not config.admin.roles:
         problems.append(("admin", "an enabled admin API needs api_keys or roles"))
     return problems
+
+
+_ROUTE_POLICIES = ("auth", "roles", "rate_limits", "max_body_size", "max_concurrent", "queue_size")
+
+
+def stack_policy_changes(previous: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """Per-route and per-service policies of `new` that the running middleware stack cannot adopt.
+
+    The stack (authentication, RBAC, rate limits, body limit, concurrency, breakers) is built at start-up,
+    so a reload that adds or changes such a policy is refused rather than served without it. A new route
+    without policies, or a route removed, is fine.
+    """
+
+    def route_policies(config: GatewayConfig) -> dict[tuple[str, tuple[str, ...] | None], tuple[Any, ...]]:
+        policies: dict[tuple[str, tuple[str, ...] | None], tuple[Any, ...]] = {}
+        for route in config.routes:
+            values = tuple(getattr(route, field) for field in _ROUTE_POLICIES)
+            if values != ("none", [], [], None, None, 0):
+                policies[(route.path, None if route.methods is None else tuple(route.methods))] = values
+        return policies
+
+    before = route_policies(previous)
+    changed = [
+        f"routes {path!r}"
+        for (path, methods), values in route_policies(new).items()
+        if before.get((path, methods)) != values
+    ]
+    breakers = {service.name: service.breaker for service in previous.services}
+    changed += [
+        f"services {service.name!r} breaker"
+        for service in new.services
+        if service.breaker.enabled and breakers.get(service.name) != service.breaker
+    ]
+    return changed
 
 
 def parse_config(

@@ -245,3 +245,36 @@ async def test_admin_disabled_leaves_the_prefix_to_routing() -> None:
         response = await http.get("/_admin/services", headers=AUTH)
     assert response.status_code == 404
     assert response.json()["detail"] == "No route matches this request."
+
+
+@pytest.mark.parametrize(
+    ("change", "changed"),
+    [
+        (
+            {
+                "path": "/users/*",
+                "service": "users",
+                "rate_limits": ["basic"],
+                "auth": "optional",
+                "roles": ["ops"],
+            },
+            "routes '/users/*'",
+        ),
+        ({"path": "/new/*", "service": "users", "auth": "required"}, "routes '/new/*'"),
+        (
+            {"path": "/users/*", "service": "users", "rate_limits": ["basic"], "max_concurrent": 5},
+            "routes '/users/*'",
+        ),
+    ],
+)
+async def test_a_reload_that_changes_a_stack_policy_is_refused(change: dict[str, Any], changed: str) -> None:
+    auth = {"api_keys": {"keys": []}}
+    app, runtime = gateway(auth=auth)
+    running = runtime.config
+    body = json.dumps(config_data(routes=[change], auth=auth))
+    async with client(app) as http:
+        refused = await http.post("/_admin/reload", headers=AUTH, content=body)
+        plain = json.dumps(config_data(routes=[{"path": "/plain/*", "service": "users"}], auth=auth))
+        accepted = await http.post("/_admin/reload", headers=AUTH, content=plain)
+    assert refused.status_code == 409 and refused.json()["changed"] == [changed]
+    assert accepted.status_code == 200 and runtime.config is not running
