@@ -303,7 +303,7 @@ class AdminApp:
             )
             raise _Refusal(problem) from None
         previous = runtime.config
-        fixed = stack_policy_changes(previous, config)
+        fixed = stack_policy_changes(runtime.stack_config or previous, config)
         if fixed:
             problem = Problem(
                 409,

@@ -97,6 +97,7 @@ class GatewayRuntime:
         self.header_hooks: list[Callable[[Scope, list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]]] = []
         self.metrics_endpoint: ASGIApp | None = None
         self.layers: list[str] = []  # the stack's layers, outermost first
+        self.stack_config: GatewayConfig | None = None  # the config the stack was built from
         self._apply(config)
 
     def __repr__(self) -> str:

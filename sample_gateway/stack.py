@@ -400,6 +400,7 @@ def build_stack(
             layers.insert(0, name)
     if entries is STACK:
         runtime.layers = layers
+        runtime.stack_config = config  # what a reload is compared with (`stack_policy_changes`)
     return app
 
 
