@@ -84,7 +84,7 @@ from nexus_middleware.bearer import AuthMode
 from nexus_middleware.ratelimit_policy import OutagePolicy
 from nexus_middleware.storage import redis_client_from_url
 from nexus_middleware.types import ASGIApp
-from sample_gateway.config import GatewayConfig, RateLimitPolicyConfig
+from sample_gateway.config import ApiKeySourceConfig, GatewayConfig, RateLimitPolicyConfig
 from sample_gateway.runtime import GatewayRuntime
 
 __all__ = ["ADMIN_STACK", "Factory", "STACK", "build_stack", "route_table", "wired"]
@@ -205,9 +205,7 @@ def _jwt(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime, **options
     return middleware
 
 
-def _api_key_store(config: GatewayConfig) -> APIKeyStore:
-    source = config.auth.api_keys
-    assert source is not None
+def _api_key_store(config: GatewayConfig, source: ApiKeySourceConfig) -> APIKeyStore:
     uri = source.storage or config.storage.default
     if uri.startswith("memory://"):
         return MemoryAPIKeyStore.from_config(source.keys)
@@ -224,7 +222,7 @@ def _auth(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIA
         return None
     source = config.auth.api_keys
     if source is not None:
-        store = _api_key_store(config)
+        store = _api_key_store(config, source)
         runtime.closers.append(store.aclose)
         policy = APIKeyPolicy(header_name=source.header, default="exempt")
         app = APIKeyMiddleware(app, store=store, policy=policy, routes=modes)
