@@ -187,7 +187,7 @@ class PoolConfig(_Model):
 
 
 class BreakerConfig(_Model):
-    """Stored now; the resilience middleware reads it when it is wired in `stack.py`."""
+    """A service's circuit breaker (`CircuitBreakerMiddleware`, keyed by upstream service in `stack.py`)."""
 
     enabled: bool = False
     failure_threshold: Annotated[int, Field(ge=1)] = 5
