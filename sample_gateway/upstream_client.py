@@ -12,9 +12,9 @@ machine (see docs/performance.md); httpx stays selectable, and is the control pl
 """
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from nexus_middleware.errors import ConfigurationError, NexusError
@@ -291,14 +291,28 @@ class _GatedResponse:
 
     __slots__ = ("_slot", "headers", "status")
 
-    def __init__(self, gate: ConnectionGate, key: str, status: int, headers: RawHeaders) -> None:
+    def __init__(
+        self, gate: ConnectionGate, key: str, status: int, raw_headers: Iterable[tuple[bytes, bytes]]
+    ) -> None:
         self._slot = GateSlot(gate, key)
         self.status = status
-        self.headers = headers
+        self.headers: RawHeaders = [(name.lower(), value) for name, value in raw_headers]
 
 
-class _BaseClient:
+_LibraryTimeout = TypeVar("_LibraryTimeout")
+_Body = AsyncIterable[bytes] | bytes | None
+_LibraryResponse = TypeVar("_LibraryResponse")
+
+
+class _BaseClient(Generic[_LibraryTimeout, _LibraryResponse]):
+    """What both kinds share: the gate around every exchange, the error translation, the timeout cache.
+
+    A kind supplies `_request` (a plain method returning the library's awaitable, so no coroutine frame is
+    added on the hot path), `_upstream_error`, `_make_timeout`, `_response_type` and `_close_pool`.
+    """
+
     kind: ClientKind
+    _response_type: Callable[[ConnectionGate, str, _LibraryResponse], UpstreamResponse]
 
     def __init__(self, max_connections: int, max_per_host: int, keepalive_expiry: float) -> None:
         self._max_connections = max_connections
@@ -306,6 +320,65 @@ class _BaseClient:
         self._keepalive_expiry = keepalive_expiry
         self._gate = ConnectionGate(max_connections, max_per_host)
         self._ws_session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float, float], _LibraryTimeout] = {}
+
+    async def open(
+        self,
+        method: str,
+        origin: Origin,
+        target: str,
+        headers: RawHeaders,
+        body: AsyncIterable[bytes] | bytes | None,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> UpstreamResponse:
+        key = origin.netloc
+        await self._gate.acquire(key, connect_timeout)
+        try:
+            response = await self._request(
+                method, origin, target, headers, body, self._timeout(connect_timeout, read_timeout)
+            )
+        except BaseException as exc:
+            self._gate.release(key)
+            error = self._upstream_error(exc)
+            if error is None:
+                raise
+            raise error from exc
+        return self._response_type(self._gate, key, response)
+
+    def _request(
+        self,
+        method: str,
+        origin: Origin,
+        target: str,
+        headers: RawHeaders,
+        body: _Body,
+        timeout: _LibraryTimeout,
+    ) -> Awaitable[_LibraryResponse]:
+        raise NotImplementedError
+
+    def _upstream_error(self, exc: BaseException) -> UpstreamError | None:
+        """The `UpstreamError` for a library failure while opening; None for what is not the library's."""
+        raise NotImplementedError
+
+    def _make_timeout(self, connect: float, read: float) -> _LibraryTimeout:
+        raise NotImplementedError
+
+    def _timeout(self, connect: float, read: float) -> _LibraryTimeout:
+        timeout = self._timeouts.get((connect, read))
+        if timeout is None:
+            if len(self._timeouts) > 256:  # routes have few distinct pairs; never grow without bound
+                self._timeouts.clear()
+            timeout = self._timeouts[(connect, read)] = self._make_timeout(connect, read)
+        return timeout
+
+    async def _close_pool(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        await self._close_ws_session()
+        await self._close_pool()
 
     async def open_websocket(
         self,
@@ -371,9 +444,7 @@ class _AiohttpResponse(_GatedResponse):
     __slots__ = ("_done", "_response")
 
     def __init__(self, gate: ConnectionGate, key: str, response: "aiohttp.ClientResponse") -> None:
-        super().__init__(
-            gate, key, response.status, [(name.lower(), value) for name, value in response.raw_headers]
-        )
+        super().__init__(gate, key, response.status, response.raw_headers)
         self._response = response
         self._done = False
 
@@ -469,13 +540,13 @@ class _AiohttpWebSocket:
         await self._websocket.close(code=code)
 
 
-class _AiohttpClient(_BaseClient):
+class _AiohttpClient(_BaseClient["aiohttp.ClientTimeout", "aiohttp.ClientResponse"]):
     kind: ClientKind = "aiohttp"
+    _response_type = _AiohttpResponse
 
     def __init__(self, max_connections: int, max_per_host: int, keepalive_expiry: float) -> None:
         super().__init__(max_connections, max_per_host, keepalive_expiry)
         self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
 
     def _get_session(self) -> "aiohttp.ClientSession":
         if self._session is None:
@@ -489,33 +560,22 @@ class _AiohttpClient(_BaseClient):
             self._session = _aiohttp_session(connector)
         return self._session
 
-    def _timeout(self, connect: float, read: float) -> "aiohttp.ClientTimeout":
-        timeout = self._timeouts.get((connect, read))
-        if timeout is None:
-            import aiohttp
+    def _make_timeout(self, connect: float, read: float) -> "aiohttp.ClientTimeout":
+        import aiohttp
 
-            if len(self._timeouts) > 256:  # routes have few distinct pairs; never grow without bound
-                self._timeouts.clear()
-            timeout = self._timeouts[(connect, read)] = aiohttp.ClientTimeout(
-                total=None, sock_connect=connect, sock_read=read
-            )
-        return timeout
+        return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
 
-    async def open(
+    def _request(
         self,
         method: str,
         origin: Origin,
         target: str,
         headers: RawHeaders,
-        body: AsyncIterable[bytes] | bytes | None,
-        *,
-        connect_timeout: float,
-        read_timeout: float,
-    ) -> UpstreamResponse:
-        import aiohttp
+        body: _Body,
+        timeout: "aiohttp.ClientTimeout",
+    ) -> Awaitable["aiohttp.ClientResponse"]:
         from yarl import URL
 
-        session = self._get_session()
         path, _, query = target.partition("?")
         url = URL.build(
             scheme=origin.scheme,
@@ -525,32 +585,27 @@ class _AiohttpClient(_BaseClient):
             query_string=query,
             encoded=True,
         )
-        key = origin.netloc
-        await self._gate.acquire(key, connect_timeout)
-        try:
-            response = await session.request(
-                method,
-                url,
-                headers=[(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers],
-                data=body,
-                allow_redirects=False,
-                timeout=self._timeout(connect_timeout, read_timeout),
-                auto_decompress=False,
-                compress=None,
-            )
-        except aiohttp.ClientError as exc:
-            self._gate.release(key)
-            raise _aiohttp_error(exc) from exc
-        except TimeoutError as exc:
-            self._gate.release(key)
-            raise UpstreamTimeoutError("the upstream did not answer in time", phase="read") from exc
-        except BaseException:
-            self._gate.release(key)
-            raise
-        return _AiohttpResponse(self._gate, key, response)
+        return self._get_session().request(
+            method,
+            url,
+            headers=[(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers],
+            data=body,
+            allow_redirects=False,
+            timeout=timeout,
+            auto_decompress=False,
+            compress=None,
+        )
 
-    async def aclose(self) -> None:
-        await self._close_ws_session()
+    def _upstream_error(self, exc: BaseException) -> UpstreamError | None:
+        import aiohttp
+
+        if isinstance(exc, aiohttp.ClientError):
+            return _aiohttp_error(exc)
+        if isinstance(exc, TimeoutError):
+            return UpstreamTimeoutError("the upstream did not answer in time", phase="read")
+        return None
+
+    async def _close_pool(self) -> None:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
@@ -563,9 +618,7 @@ class _HttpxResponse(_GatedResponse):
     __slots__ = ("_response",)
 
     def __init__(self, gate: ConnectionGate, key: str, response: "httpx.Response") -> None:
-        super().__init__(
-            gate, key, response.status_code, [(name.lower(), value) for name, value in response.headers.raw]
-        )
+        super().__init__(gate, key, response.status_code, response.headers.raw)
         self._response = response
 
     async def iter_raw(self) -> AsyncIterator[bytes]:
@@ -600,13 +653,13 @@ def _httpx_error(exc: BaseException) -> UpstreamError:
     return UpstreamDisconnectedError(f"the upstream connection broke: {exc!r}")
 
 
-class _HttpxClient(_BaseClient):
+class _HttpxClient(_BaseClient[dict[str, Any], "httpx.Response"]):
     kind: ClientKind = "httpx"
+    _response_type = _HttpxResponse
 
     def __init__(self, max_connections: int, max_per_host: int, keepalive_expiry: float) -> None:
         super().__init__(max_connections, max_per_host, keepalive_expiry)
         self._client: httpx.AsyncClient | None = None
-        self._timeouts: dict[tuple[float, float], dict[str, Any]] = {}
 
     def _get_client(self) -> "httpx.AsyncClient":
         if self._client is None:
@@ -621,57 +674,32 @@ class _HttpxClient(_BaseClient):
             self._client = httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False)
         return self._client
 
-    def _timeout(self, connect: float, read: float) -> dict[str, Any]:
-        timeout = self._timeouts.get((connect, read))
-        if timeout is None:
-            if len(self._timeouts) > 256:
-                self._timeouts.clear()
-            # The gate already bounded the pool wait; httpx's own pool timeout is a backstop.
-            timeout = self._timeouts[(connect, read)] = {
-                "connect": connect,
-                "read": read,
-                "write": read,
-                "pool": connect,
-            }
-        return timeout
+    def _make_timeout(self, connect: float, read: float) -> dict[str, Any]:
+        # The gate already bounded the pool wait; httpx's own pool timeout is a backstop.
+        return {"connect": connect, "read": read, "write": read, "pool": connect}
 
-    async def open(
+    def _request(
         self,
         method: str,
         origin: Origin,
         target: str,
         headers: RawHeaders,
-        body: AsyncIterable[bytes] | bytes | None,
-        *,
-        connect_timeout: float,
-        read_timeout: float,
-    ) -> UpstreamResponse:
+        body: _Body,
+        timeout: dict[str, Any],
+    ) -> Awaitable["httpx.Response"]:
         import httpx
 
-        client = self._get_client()
         url = httpx.URL(scheme=origin.scheme, host=origin.host, port=origin.port, raw_path=target.encode())
         # A Request built directly, not with client.build_request: the client's default headers stay out.
-        request = httpx.Request(
-            method,
-            url,
-            headers=headers,
-            content=body,
-            extensions={"timeout": self._timeout(connect_timeout, read_timeout)},
-        )
-        key = origin.netloc
-        await self._gate.acquire(key, connect_timeout)
-        try:
-            response = await client.send(request, stream=True, follow_redirects=False)
-        except httpx.TransportError as exc:
-            self._gate.release(key)
-            raise _httpx_error(exc) from exc
-        except BaseException:
-            self._gate.release(key)
-            raise
-        return _HttpxResponse(self._gate, key, response)
+        request = httpx.Request(method, url, headers=headers, content=body, extensions={"timeout": timeout})
+        return self._get_client().send(request, stream=True, follow_redirects=False)
 
-    async def aclose(self) -> None:
-        await self._close_ws_session()
+    def _upstream_error(self, exc: BaseException) -> UpstreamError | None:
+        import httpx
+
+        return _httpx_error(exc) if isinstance(exc, httpx.TransportError) else None
+
+    async def _close_pool(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
             await client.aclose()
