@@ -228,8 +228,7 @@ class ReverseProxy:
         if target is None:
             await self._refuse_unsafe_path(scope, send, policy)
             return
-        context = get_context(scope)
-        exchange = _Exchange(self, scope, receive, send, selector, policy, target, observer, context)
+        exchange = _Exchange(self, scope, receive, send, selector, policy, target, observer)
         await exchange.run()
 
     async def forward_websocket(
@@ -253,10 +252,9 @@ class ReverseProxy:
         if target_path is None:
             await self._refuse_unsafe_path(scope, send, policy)
             return
-        context = get_context(scope)
         if (await receive())["type"] != "websocket.connect":
             return
-        relay = _WebSocketRelay(self, scope, receive, send, policy, observer, context)
+        relay = _WebSocketRelay(self, scope, receive, send, policy, observer)
         upstream = await relay.connect(selector, target_path)
         if upstream is not None:
             await relay.run(upstream)
@@ -472,7 +470,6 @@ class _Forwarding:
         send: Send,
         policy: UpstreamPolicy,
         observer: AttemptObserver | None,
-        context: RequestContext,
     ) -> None:
         self._proxy = proxy
         self._scope = scope
@@ -480,7 +477,7 @@ class _Forwarding:
         self._send = send
         self._policy = policy
         self._observer = observer
-        self._context = context
+        self._context = get_context(scope)
         self._retries = 0
 
     def _host_header(self, origin: Origin) -> bytes:
@@ -492,6 +489,17 @@ class _Forwarding:
             self._observer.attempt_finished(
                 target, outcome=outcome, status=status, latency=self._proxy._clock.monotonic() - began
             )
+
+    def _record_error(self, reason: str, target: Target, upstream_status: int | None) -> None:
+        self._context.record(
+            "proxy",
+            "error",
+            reason=reason,
+            service=self._policy.service,
+            target=target.id,
+            retries=self._retries,
+            upstream_status=upstream_status,
+        )
 
     async def _no_target(self, **details: str | None) -> None:
         policy = self._policy
@@ -528,9 +536,8 @@ class _Exchange(_Forwarding):
         policy: UpstreamPolicy,
         target: str,
         observer: AttemptObserver | None,
-        context: RequestContext,
     ) -> None:
-        super().__init__(proxy, scope, receive, send, policy, observer, context)
+        super().__init__(proxy, scope, receive, send, policy, observer)
         self._selector = selector
         self._target = target
         self._body = _RequestBody(receive)
@@ -540,7 +547,7 @@ class _Exchange(_Forwarding):
         self._watcher: asyncio.Task[None] | None = None
         self._watch_handle: asyncio.TimerHandle | None = None
         self._done_sending = False
-        deadline = context.deadline
+        deadline = self._context.deadline
         if policy.total_timeout is not None:
             own = proxy._clock.monotonic() + policy.total_timeout
             deadline = own if deadline is None else min(deadline, own)
@@ -750,15 +757,7 @@ class _Exchange(_Forwarding):
             await send(message)
         except UpstreamError as exc:
             outcome = _outcome_of(exc)
-            self._context.record(
-                "proxy",
-                "error",
-                reason="aborted",
-                service=policy.service,
-                target=target.id,
-                retries=self._retries,
-                upstream_status=status,
-            )
+            self._record_error("aborted", target, status)
             logger.warning("upstream %s failed after the response started: %s", target.id, exc)
             raise
         except asyncio.CancelledError:
@@ -770,15 +769,7 @@ class _Exchange(_Forwarding):
     async def _fail(self, target: Target, error: UpstreamError) -> None:
         policy = self._policy
         cause = _cause_of(error)
-        self._context.record(
-            "proxy",
-            "error",
-            reason=cause,
-            service=policy.service,
-            target=target.id,
-            retries=self._retries,
-            upstream_status=None,
-        )
+        self._record_error(cause, target, None)
         if cause == "pool":
             problem = Problem(503, f"no connection to service {policy.service!r} became free in time")
             retry_after = self._proxy._retry_after
@@ -902,15 +893,7 @@ class _WebSocketRelay(_Forwarding):
 
     async def _refuse(self, target: Target, error: UpstreamError, status: int | None) -> None:
         policy = self._policy
-        self._context.record(
-            "proxy",
-            "error",
-            reason="handshake" if status is not None else _cause_of(error),
-            service=policy.service,
-            target=target.id,
-            retries=self._retries,
-            upstream_status=status,
-        )
+        self._record_error("handshake" if status is not None else _cause_of(error), target, status)
         if status is not None and 400 <= status < 500:
             problem = Problem(status, f"service {policy.service!r} refused the websocket")
         elif isinstance(error, UpstreamTimeoutError):
