@@ -7,7 +7,7 @@ adds around the proxy. The load benchmark (docs/performance.md) measures the who
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -15,24 +15,18 @@ from benchmarks.conftest import BASELINE, Driver, NoopMiddleware, bare_app, benc
 from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
 from sample_gateway.app import create_app
 from sample_gateway.config import parse_config
-from sample_gateway.contracts import AttemptObserver, TargetSelector, UpstreamPolicy
+from sample_gateway.contracts import AttemptObserver, TargetSelector
 from sample_gateway.runtime import GatewayRuntime
 
 GROUP = "gateway"
 
 
 class LocalForwarder:
+    # A `Forwarder`: the policy and the upstream path are the proxy's business, not used here.
     async def forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        *,
-        selector: TargetSelector,
-        policy: UpstreamPolicy,
-        path: str,
-        observer: AttemptObserver | None = None,
+        self, scope: Scope, receive: Receive, send: Send, *, selector: TargetSelector, **options: object
     ) -> None:
+        observer = cast("AttemptObserver | None", options.get("observer"))
         target = await selector.select(scope)
         if target is None or observer is None:
             raise RuntimeError("the benchmark config has a healthy target and an observer")

@@ -224,12 +224,11 @@ class ReverseProxy:
         """
         if scope["type"] != "http":
             raise ValueError("ReverseProxy.forward handles http scopes only")
-        context = get_context(scope)
         target = self._request_target(path, scope.get("query_string", b""))
         if target is None:
-            await self._refuse_unsafe_path(scope, send, context, policy)
+            await self._refuse_unsafe_path(scope, send, policy)
             return
-        exchange = _Exchange(self, scope, receive, send, selector, policy, target, observer, context)
+        exchange = _Exchange(self, scope, receive, send, selector, policy, target, observer)
         await exchange.run()
 
     async def forward_websocket(
@@ -249,14 +248,13 @@ class ReverseProxy:
         """
         if scope["type"] != "websocket":
             raise ValueError("ReverseProxy.forward_websocket handles websocket scopes only")
-        context = get_context(scope)
         target_path = self._request_target(path, scope.get("query_string", b""))
         if target_path is None:
-            await self._refuse_unsafe_path(scope, send, context, policy)
+            await self._refuse_unsafe_path(scope, send, policy)
             return
         if (await receive())["type"] != "websocket.connect":
             return
-        relay = _WebSocketRelay(self, scope, receive, send, policy, observer, context)
+        relay = _WebSocketRelay(self, scope, receive, send, policy, observer)
         upstream = await relay.connect(selector, target_path)
         if upstream is not None:
             await relay.run(upstream)
@@ -264,10 +262,8 @@ class ReverseProxy:
     # --- per-request helpers used by _Exchange ---
 
     @staticmethod
-    async def _refuse_unsafe_path(
-        scope: Scope, send: Send, context: RequestContext, policy: UpstreamPolicy
-    ) -> None:
-        context.record("proxy", "error", reason="unsafe_path", service=policy.service)
+    async def _refuse_unsafe_path(scope: Scope, send: Send, policy: UpstreamPolicy) -> None:
+        get_context(scope).record("proxy", "error", reason="unsafe_path", service=policy.service)
         problem = Problem(400, "the request path cannot be forwarded")
         await send_problem(scope, send, problem, layer="proxy")
 
@@ -382,16 +378,6 @@ def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[byte
     return frozenset(tokens) if tokens else frozenset()
 
 
-def _outcome_of(error: UpstreamError) -> AttemptOutcome:
-    if isinstance(error, UpstreamTimeoutError):
-        return "timeout"
-    if isinstance(error, UpstreamProtocolError):
-        return "protocol_error"
-    if isinstance(error, UpstreamPoolExhaustedError):
-        return "cancelled"  # the gateway's own limit: the target never saw the attempt, so it is not to blame
-    return "connect_error"
-
-
 class _RequestBody:
     """The request body of one exchange: empty, buffered (replayable), or streamed (replayable until read)."""
 
@@ -484,7 +470,6 @@ class _Forwarding:
         send: Send,
         policy: UpstreamPolicy,
         observer: AttemptObserver | None,
-        context: RequestContext,
     ) -> None:
         self._proxy = proxy
         self._scope = scope
@@ -492,8 +477,37 @@ class _Forwarding:
         self._send = send
         self._policy = policy
         self._observer = observer
-        self._context = context
+        self._context = get_context(scope)
         self._retries = 0
+
+    def _host_header(self, origin: Origin) -> bytes:
+        host = get_header(self._scope.get("headers") or (), b"host") if self._policy.preserve_host else None
+        return host or origin.netloc.encode("ascii")
+
+    def _observe(self, target: Target, outcome: AttemptOutcome, status: int | None, began: float) -> None:
+        if self._observer is not None:
+            self._observer.attempt_finished(
+                target, outcome=outcome, status=status, latency=self._proxy._clock.monotonic() - began
+            )
+
+    def _record_error(self, reason: str, target: Target, upstream_status: int | None) -> None:
+        self._context.record(
+            "proxy",
+            "error",
+            reason=reason,
+            service=self._policy.service,
+            target=target.id,
+            retries=self._retries,
+            upstream_status=upstream_status,
+        )
+
+    async def _no_target(self, **details: str | None) -> None:
+        policy = self._policy
+        self._context.record(
+            "proxy", "error", reason="no_target", service=policy.service, retries=self._retries, **details
+        )
+        problem = Problem(503, f"service {policy.service!r} has no available target")
+        await send_problem(self._scope, self._send, problem, headers=self._proxy._retry_after, layer="proxy")
 
 
 class _Exchange(_Forwarding):
@@ -522,9 +536,8 @@ class _Exchange(_Forwarding):
         policy: UpstreamPolicy,
         target: str,
         observer: AttemptObserver | None,
-        context: RequestContext,
     ) -> None:
-        super().__init__(proxy, scope, receive, send, policy, observer, context)
+        super().__init__(proxy, scope, receive, send, policy, observer)
         self._selector = selector
         self._target = target
         self._body = _RequestBody(receive)
@@ -534,7 +547,7 @@ class _Exchange(_Forwarding):
         self._watcher: asyncio.Task[None] | None = None
         self._watch_handle: asyncio.TimerHandle | None = None
         self._done_sending = False
-        deadline = context.deadline
+        deadline = self._context.deadline
         if policy.total_timeout is not None:
             own = proxy._clock.monotonic() + policy.total_timeout
             deadline = own if deadline is None else min(deadline, own)
@@ -621,7 +634,7 @@ class _Exchange(_Forwarding):
             if target is None and tried:
                 target = await self._selector.select(self._scope)  # every target tried: any will do
             if target is None:
-                await self._no_target(last)
+                await self._no_target(target=None if last is None else last.id, upstream_status=None)
                 return
             last = target
             result = await self._attempt(method, target, outgoing)
@@ -660,10 +673,7 @@ class _Exchange(_Forwarding):
         proxy, policy, observer = self._proxy, self._policy, self._observer
         clock = proxy._clock
         origin = proxy._origin(target)
-        host = get_header(self._scope.get("headers") or (), b"host") if policy.preserve_host else None
-        if host is None:
-            host = origin.netloc.encode("ascii")
-        headers = [(b"host", host), *outgoing]
+        headers = [(b"host", self._host_header(origin)), *outgoing]
         remaining = self._remaining()
         if observer is not None:
             observer.attempt_started(target)
@@ -701,12 +711,6 @@ class _Exchange(_Forwarding):
             self._observe(target, "cancelled", None, began)
             raise
         return _Attempt(response, GateSlot(gate, policy.service), clock.monotonic() - began)
-
-    def _observe(self, target: Target, outcome: AttemptOutcome, status: int | None, began: float) -> None:
-        if self._observer is not None:
-            self._observer.attempt_finished(
-                target, outcome=outcome, status=status, latency=self._proxy._clock.monotonic() - began
-            )
 
     async def _finish(self, target: Target, attempt: "_Attempt", outcome: AttemptOutcome) -> None:
         try:
@@ -753,15 +757,7 @@ class _Exchange(_Forwarding):
             await send(message)
         except UpstreamError as exc:
             outcome = _outcome_of(exc)
-            self._context.record(
-                "proxy",
-                "error",
-                reason="aborted",
-                service=policy.service,
-                target=target.id,
-                retries=self._retries,
-                upstream_status=status,
-            )
+            self._record_error("aborted", target, status)
             logger.warning("upstream %s failed after the response started: %s", target.id, exc)
             raise
         except asyncio.CancelledError:
@@ -773,15 +769,7 @@ class _Exchange(_Forwarding):
     async def _fail(self, target: Target, error: UpstreamError) -> None:
         policy = self._policy
         cause = _cause_of(error)
-        self._context.record(
-            "proxy",
-            "error",
-            reason=cause,
-            service=policy.service,
-            target=target.id,
-            retries=self._retries,
-            upstream_status=None,
-        )
+        self._record_error(cause, target, None)
         if cause == "pool":
             problem = Problem(503, f"no connection to service {policy.service!r} became free in time")
             retry_after = self._proxy._retry_after
@@ -794,20 +782,6 @@ class _Exchange(_Forwarding):
         else:
             problem = Problem(502, f"service {policy.service!r} could not be reached")
         await send_problem(self._scope, self._send, problem, layer=None)
-
-    async def _no_target(self, last: Target | None) -> None:
-        policy = self._policy
-        self._context.record(
-            "proxy",
-            "error",
-            reason="no_target",
-            service=policy.service,
-            target=None if last is None else last.id,
-            retries=self._retries,
-            upstream_status=None,
-        )
-        problem = Problem(503, f"service {policy.service!r} has no available target")
-        await send_problem(self._scope, self._send, problem, headers=self._proxy._retry_after, layer="proxy")
 
 
 def _before_response(error: UpstreamError) -> bool:
@@ -825,6 +799,19 @@ def _cause_of(error: UpstreamError) -> _Cause:
     if isinstance(error, UpstreamConnectError):
         return "connect"
     return "disconnected"
+
+
+_OUTCOMES: dict[_Cause, AttemptOutcome] = {
+    "pool": "cancelled",  # the gateway's own limit: the target never saw the attempt, so it is not to blame
+    "timeout": "timeout",
+    "protocol": "protocol_error",
+    "connect": "connect_error",
+    "disconnected": "connect_error",
+}
+
+
+def _outcome_of(error: UpstreamError) -> AttemptOutcome:
+    return _OUTCOMES[_cause_of(error)]
 
 
 class _Attempt:
@@ -873,14 +860,9 @@ class _WebSocketRelay(_Forwarding):
             if target is None and tried:
                 target = await selector.select(scope)  # every target tried: any will do
             if target is None:
-                self._context.record(
-                    "proxy", "error", reason="no_target", service=policy.service, retries=self._retries
-                )
-                problem = Problem(503, f"service {policy.service!r} has no available target")
-                await send_problem(scope, self._send, problem, headers=proxy._retry_after, layer="proxy")
+                await self._no_target()
                 return None
             origin = proxy._origin(target)
-            host = get_header(scope.get("headers") or (), b"host") if policy.preserve_host else None
             if observer is not None:
                 observer.attempt_started(target)
             began = proxy._clock.monotonic()
@@ -888,16 +870,14 @@ class _WebSocketRelay(_Forwarding):
                 upstream = await proxy._client.open_websocket(
                     origin,
                     target_path,
-                    [(b"host", host or origin.netloc.encode("ascii")), *headers],
+                    [(b"host", self._host_header(origin)), *headers],
                     protocols=protocols,
                     connect_timeout=policy.connect_timeout,
                 )
             except UpstreamError as exc:
                 status = exc.status if isinstance(exc, UpstreamHandshakeError) else None
                 outcome: AttemptOutcome = "http_error" if status is not None else _outcome_of(exc)
-                if observer is not None:
-                    latency = proxy._clock.monotonic() - began
-                    observer.attempt_finished(target, outcome=outcome, status=status, latency=latency)
+                self._observe(target, outcome, status, began)
                 if (
                     not exc.sent
                     and policy.retry.on_connect_errors
@@ -913,15 +893,7 @@ class _WebSocketRelay(_Forwarding):
 
     async def _refuse(self, target: Target, error: UpstreamError, status: int | None) -> None:
         policy = self._policy
-        self._context.record(
-            "proxy",
-            "error",
-            reason="handshake" if status is not None else _cause_of(error),
-            service=policy.service,
-            target=target.id,
-            retries=self._retries,
-            upstream_status=status,
-        )
+        self._record_error("handshake" if status is not None else _cause_of(error), target, status)
         if status is not None and 400 <= status < 500:
             problem = Problem(status, f"service {policy.service!r} refused the websocket")
         elif isinstance(error, UpstreamTimeoutError):

@@ -12,9 +12,10 @@ machine (see docs/performance.md); httpx stays selectable, and is the control pl
 """
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+import functools
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from nexus_middleware.errors import ConfigurationError, NexusError
@@ -286,19 +287,62 @@ class GateSlot:
             self._gate.release(self._key)
 
 
+_Classes = tuple[type[BaseException], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _LibraryErrors:
+    """A client library's exception classes per cause, checked in this order; any other broke the link."""
+
+    connect_timeout: _Classes
+    pool_timeout: _Classes
+    read_timeout: _Classes
+    connect: _Classes
+    protocol: _Classes
+
+    def translate(self, exc: BaseException) -> UpstreamError:
+        if isinstance(exc, self.connect_timeout):
+            return UpstreamTimeoutError(f"connecting to the upstream timed out: {exc}", phase="connect")
+        if isinstance(exc, self.pool_timeout):
+            return UpstreamPoolExhaustedError(f"no upstream connection became free in time: {exc}")
+        if isinstance(exc, self.read_timeout):
+            return UpstreamTimeoutError(f"the upstream did not answer in time: {exc}", phase="read")
+        if isinstance(exc, self.connect):
+            # aiohttp's connector error carries the OS error apart; its own text repeats the host and port.
+            return UpstreamConnectError(f"cannot connect to the upstream: {getattr(exc, 'os_error', exc)}")
+        if isinstance(exc, self.protocol):
+            return UpstreamProtocolError(f"invalid upstream response: {exc}")
+        return UpstreamDisconnectedError(f"the upstream connection broke: {exc!r}")
+
+
 class _GatedResponse:
     """Common part of both responses: the head, and the gate slot held until the response is closed."""
 
     __slots__ = ("_slot", "headers", "status")
 
-    def __init__(self, gate: ConnectionGate, key: str, status: int, headers: RawHeaders) -> None:
+    def __init__(
+        self, gate: ConnectionGate, key: str, status: int, raw_headers: Iterable[tuple[bytes, bytes]]
+    ) -> None:
         self._slot = GateSlot(gate, key)
         self.status = status
-        self.headers = headers
+        self.headers: RawHeaders = [(name.lower(), value) for name, value in raw_headers]
 
 
-class _BaseClient:
+_Pool = TypeVar("_Pool")
+_LibraryTimeout = TypeVar("_LibraryTimeout")
+_Body = AsyncIterable[bytes] | bytes | None
+_LibraryResponse = TypeVar("_LibraryResponse")
+
+
+class _BaseClient(Generic[_Pool, _LibraryTimeout, _LibraryResponse]):
+    """What both kinds share: the gate around every exchange, the error translation, the timeout cache.
+
+    A kind supplies `_request` (a plain method returning the library's awaitable, so no coroutine frame is
+    added on the hot path), `_upstream_error`, `_make_timeout`, `_response_type`, `_new_pool` and `_close`.
+    """
+
     kind: ClientKind
+    _response_type: Callable[[ConnectionGate, str, _LibraryResponse], UpstreamResponse]
 
     def __init__(self, max_connections: int, max_per_host: int, keepalive_expiry: float) -> None:
         self._max_connections = max_connections
@@ -306,6 +350,78 @@ class _BaseClient:
         self._keepalive_expiry = keepalive_expiry
         self._gate = ConnectionGate(max_connections, max_per_host)
         self._ws_session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float, float], _LibraryTimeout] = {}
+        self._pool: _Pool | None = None
+
+    def _get_pool(self) -> _Pool:
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = self._new_pool()
+        return pool
+
+    def _new_pool(self) -> _Pool:
+        """The library's pooled session, created on first use (in the loop, never in `__init__`)."""
+        raise NotImplementedError
+
+    async def _close(self, pool: _Pool) -> None:
+        raise NotImplementedError
+
+    async def open(
+        self,
+        method: str,
+        origin: Origin,
+        target: str,
+        headers: RawHeaders,
+        body: AsyncIterable[bytes] | bytes | None,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> UpstreamResponse:
+        key = origin.netloc
+        await self._gate.acquire(key, connect_timeout)
+        try:
+            response = await self._request(
+                method, origin, target, headers, body, self._timeout(connect_timeout, read_timeout)
+            )
+        except BaseException as exc:
+            self._gate.release(key)
+            error = self._upstream_error(exc)
+            if error is None:
+                raise
+            raise error from exc
+        return self._response_type(self._gate, key, response)
+
+    def _request(
+        self,
+        method: str,
+        origin: Origin,
+        target: str,
+        headers: RawHeaders,
+        body: _Body,
+        timeout: _LibraryTimeout,
+    ) -> Awaitable[_LibraryResponse]:
+        raise NotImplementedError
+
+    def _upstream_error(self, exc: BaseException) -> UpstreamError | None:
+        """The `UpstreamError` for a library failure while opening; None for what is not the library's."""
+        raise NotImplementedError
+
+    def _make_timeout(self, connect: float, read: float) -> _LibraryTimeout:
+        raise NotImplementedError
+
+    def _timeout(self, connect: float, read: float) -> _LibraryTimeout:
+        timeout = self._timeouts.get((connect, read))
+        if timeout is None:
+            if len(self._timeouts) > 256:  # routes have few distinct pairs; never grow without bound
+                self._timeouts.clear()
+            timeout = self._timeouts[(connect, read)] = self._make_timeout(connect, read)
+        return timeout
+
+    async def aclose(self) -> None:
+        await self._close_ws_session()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await self._close(pool)
 
     async def open_websocket(
         self,
@@ -371,9 +487,7 @@ class _AiohttpResponse(_GatedResponse):
     __slots__ = ("_done", "_response")
 
     def __init__(self, gate: ConnectionGate, key: str, response: "aiohttp.ClientResponse") -> None:
-        super().__init__(
-            gate, key, response.status, [(name.lower(), value) for name, value in response.raw_headers]
-        )
+        super().__init__(gate, key, response.status, response.raw_headers)
         self._response = response
         self._done = False
 
@@ -403,18 +517,21 @@ class _AiohttpResponse(_GatedResponse):
             self._slot.release()
 
 
-def _aiohttp_error(exc: BaseException) -> UpstreamError:
+@functools.cache
+def _aiohttp_errors() -> _LibraryErrors:
     import aiohttp
 
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamTimeoutError(f"connecting to the upstream timed out: {exc}", phase="connect")
-    if isinstance(exc, aiohttp.ServerTimeoutError):
-        return UpstreamTimeoutError(f"the upstream did not answer in time: {exc}", phase="read")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamConnectError(f"cannot connect to the upstream: {exc.os_error}")
-    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
-        return UpstreamProtocolError(f"invalid upstream response: {exc}")
-    return UpstreamDisconnectedError(f"the upstream connection broke: {exc!r}")
+    return _LibraryErrors(
+        connect_timeout=(aiohttp.ConnectionTimeoutError,),
+        pool_timeout=(),
+        read_timeout=(aiohttp.ServerTimeoutError,),
+        connect=(aiohttp.ClientConnectorError,),
+        protocol=(aiohttp.ClientResponseError, aiohttp.ClientPayloadError),
+    )
+
+
+def _aiohttp_error(exc: BaseException) -> UpstreamError:
+    return _aiohttp_errors().translate(exc)
 
 
 def _aiohttp_session(connector: "aiohttp.TCPConnector") -> "aiohttp.ClientSession":
@@ -469,53 +586,39 @@ class _AiohttpWebSocket:
         await self._websocket.close(code=code)
 
 
-class _AiohttpClient(_BaseClient):
+class _AiohttpClient(_BaseClient["aiohttp.ClientSession", "aiohttp.ClientTimeout", "aiohttp.ClientResponse"]):
     kind: ClientKind = "aiohttp"
+    _response_type = _AiohttpResponse
 
-    def __init__(self, max_connections: int, max_per_host: int, keepalive_expiry: float) -> None:
-        super().__init__(max_connections, max_per_host, keepalive_expiry)
-        self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
+    def _new_pool(self) -> "aiohttp.ClientSession":
+        import aiohttp
 
-    def _get_session(self) -> "aiohttp.ClientSession":
-        if self._session is None:
-            import aiohttp
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections,
+            limit_per_host=self._max_per_host,
+            keepalive_timeout=self._keepalive_expiry,
+        )
+        return _aiohttp_session(connector)
 
-            connector = aiohttp.TCPConnector(
-                limit=self._max_connections,
-                limit_per_host=self._max_per_host,
-                keepalive_timeout=self._keepalive_expiry,
-            )
-            self._session = _aiohttp_session(connector)
-        return self._session
+    async def _close(self, pool: "aiohttp.ClientSession") -> None:
+        await pool.close()
 
-    def _timeout(self, connect: float, read: float) -> "aiohttp.ClientTimeout":
-        timeout = self._timeouts.get((connect, read))
-        if timeout is None:
-            import aiohttp
+    def _make_timeout(self, connect: float, read: float) -> "aiohttp.ClientTimeout":
+        import aiohttp
 
-            if len(self._timeouts) > 256:  # routes have few distinct pairs; never grow without bound
-                self._timeouts.clear()
-            timeout = self._timeouts[(connect, read)] = aiohttp.ClientTimeout(
-                total=None, sock_connect=connect, sock_read=read
-            )
-        return timeout
+        return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
 
-    async def open(
+    def _request(
         self,
         method: str,
         origin: Origin,
         target: str,
         headers: RawHeaders,
-        body: AsyncIterable[bytes] | bytes | None,
-        *,
-        connect_timeout: float,
-        read_timeout: float,
-    ) -> UpstreamResponse:
-        import aiohttp
+        body: _Body,
+        timeout: "aiohttp.ClientTimeout",
+    ) -> Awaitable["aiohttp.ClientResponse"]:
         from yarl import URL
 
-        session = self._get_session()
         path, _, query = target.partition("?")
         url = URL.build(
             scheme=origin.scheme,
@@ -525,35 +628,25 @@ class _AiohttpClient(_BaseClient):
             query_string=query,
             encoded=True,
         )
-        key = origin.netloc
-        await self._gate.acquire(key, connect_timeout)
-        try:
-            response = await session.request(
-                method,
-                url,
-                headers=[(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers],
-                data=body,
-                allow_redirects=False,
-                timeout=self._timeout(connect_timeout, read_timeout),
-                auto_decompress=False,
-                compress=None,
-            )
-        except aiohttp.ClientError as exc:
-            self._gate.release(key)
-            raise _aiohttp_error(exc) from exc
-        except TimeoutError as exc:
-            self._gate.release(key)
-            raise UpstreamTimeoutError("the upstream did not answer in time", phase="read") from exc
-        except BaseException:
-            self._gate.release(key)
-            raise
-        return _AiohttpResponse(self._gate, key, response)
+        return self._get_pool().request(
+            method,
+            url,
+            headers=[(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers],
+            data=body,
+            allow_redirects=False,
+            timeout=timeout,
+            auto_decompress=False,
+            compress=None,
+        )
 
-    async def aclose(self) -> None:
-        await self._close_ws_session()
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+    def _upstream_error(self, exc: BaseException) -> UpstreamError | None:
+        import aiohttp
+
+        if isinstance(exc, aiohttp.ClientError):
+            return _aiohttp_error(exc)
+        if isinstance(exc, TimeoutError):
+            return UpstreamTimeoutError("the upstream did not answer in time", phase="read")
+        return None
 
 
 # --- httpx ---
@@ -563,9 +656,7 @@ class _HttpxResponse(_GatedResponse):
     __slots__ = ("_response",)
 
     def __init__(self, gate: ConnectionGate, key: str, response: "httpx.Response") -> None:
-        super().__init__(
-            gate, key, response.status_code, [(name.lower(), value) for name, value in response.headers.raw]
-        )
+        super().__init__(gate, key, response.status_code, response.headers.raw)
         self._response = response
 
     async def iter_raw(self) -> AsyncIterator[bytes]:
@@ -584,94 +675,62 @@ class _HttpxResponse(_GatedResponse):
             self._slot.release()
 
 
-def _httpx_error(exc: BaseException) -> UpstreamError:
+@functools.cache
+def _httpx_errors() -> _LibraryErrors:
     import httpx
 
-    if isinstance(exc, httpx.ConnectTimeout):
-        return UpstreamTimeoutError(f"connecting to the upstream timed out: {exc}", phase="connect")
-    if isinstance(exc, httpx.PoolTimeout):
-        return UpstreamPoolExhaustedError(f"no upstream connection became free in time: {exc}")
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeoutError(f"the upstream did not answer in time: {exc}", phase="read")
-    if isinstance(exc, httpx.ConnectError):
-        return UpstreamConnectError(f"cannot connect to the upstream: {exc}")
-    if isinstance(exc, httpx.ProtocolError | httpx.DecodingError):
-        return UpstreamProtocolError(f"invalid upstream response: {exc}")
-    return UpstreamDisconnectedError(f"the upstream connection broke: {exc!r}")
+    return _LibraryErrors(
+        connect_timeout=(httpx.ConnectTimeout,),
+        pool_timeout=(httpx.PoolTimeout,),
+        read_timeout=(httpx.TimeoutException,),
+        connect=(httpx.ConnectError,),
+        protocol=(httpx.ProtocolError, httpx.DecodingError),
+    )
 
 
-class _HttpxClient(_BaseClient):
+def _httpx_error(exc: BaseException) -> UpstreamError:
+    return _httpx_errors().translate(exc)
+
+
+class _HttpxClient(_BaseClient["httpx.AsyncClient", dict[str, Any], "httpx.Response"]):
     kind: ClientKind = "httpx"
+    _response_type = _HttpxResponse
 
-    def __init__(self, max_connections: int, max_per_host: int, keepalive_expiry: float) -> None:
-        super().__init__(max_connections, max_per_host, keepalive_expiry)
-        self._client: httpx.AsyncClient | None = None
-        self._timeouts: dict[tuple[float, float], dict[str, Any]] = {}
+    def _new_pool(self) -> "httpx.AsyncClient":
+        import httpx
 
-    def _get_client(self) -> "httpx.AsyncClient":
-        if self._client is None:
-            import httpx
+        limits = httpx.Limits(
+            max_connections=self._max_connections,
+            max_keepalive_connections=self._max_connections,
+            keepalive_expiry=self._keepalive_expiry,
+        )
+        transport = httpx.AsyncHTTPTransport(limits=limits, http1=True, http2=False, trust_env=False)
+        return httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False)
 
-            limits = httpx.Limits(
-                max_connections=self._max_connections,
-                max_keepalive_connections=self._max_connections,
-                keepalive_expiry=self._keepalive_expiry,
-            )
-            transport = httpx.AsyncHTTPTransport(limits=limits, http1=True, http2=False, trust_env=False)
-            self._client = httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False)
-        return self._client
+    async def _close(self, pool: "httpx.AsyncClient") -> None:
+        await pool.aclose()
 
-    def _timeout(self, connect: float, read: float) -> dict[str, Any]:
-        timeout = self._timeouts.get((connect, read))
-        if timeout is None:
-            if len(self._timeouts) > 256:
-                self._timeouts.clear()
-            # The gate already bounded the pool wait; httpx's own pool timeout is a backstop.
-            timeout = self._timeouts[(connect, read)] = {
-                "connect": connect,
-                "read": read,
-                "write": read,
-                "pool": connect,
-            }
-        return timeout
+    def _make_timeout(self, connect: float, read: float) -> dict[str, Any]:
+        # The gate already bounded the pool wait; httpx's own pool timeout is a backstop.
+        return {"connect": connect, "read": read, "write": read, "pool": connect}
 
-    async def open(
+    def _request(
         self,
         method: str,
         origin: Origin,
         target: str,
         headers: RawHeaders,
-        body: AsyncIterable[bytes] | bytes | None,
-        *,
-        connect_timeout: float,
-        read_timeout: float,
-    ) -> UpstreamResponse:
+        body: _Body,
+        timeout: dict[str, Any],
+    ) -> Awaitable["httpx.Response"]:
         import httpx
 
-        client = self._get_client()
         url = httpx.URL(scheme=origin.scheme, host=origin.host, port=origin.port, raw_path=target.encode())
         # A Request built directly, not with client.build_request: the client's default headers stay out.
-        request = httpx.Request(
-            method,
-            url,
-            headers=headers,
-            content=body,
-            extensions={"timeout": self._timeout(connect_timeout, read_timeout)},
-        )
-        key = origin.netloc
-        await self._gate.acquire(key, connect_timeout)
-        try:
-            response = await client.send(request, stream=True, follow_redirects=False)
-        except httpx.TransportError as exc:
-            self._gate.release(key)
-            raise _httpx_error(exc) from exc
-        except BaseException:
-            self._gate.release(key)
-            raise
-        return _HttpxResponse(self._gate, key, response)
+        request = httpx.Request(method, url, headers=headers, content=body, extensions={"timeout": timeout})
+        return self._get_pool().send(request, stream=True, follow_redirects=False)
 
-    async def aclose(self) -> None:
-        await self._close_ws_session()
-        if self._client is not None:
-            client, self._client = self._client, None
-            await client.aclose()
+    def _upstream_error(self, exc: BaseException) -> UpstreamError | None:
+        import httpx
+
+        return _httpx_error(exc) if isinstance(exc, httpx.TransportError) else None

@@ -12,7 +12,7 @@ Every factory reads the upstream base URL from `NEXUS_BENCH_UPSTREAM`; a `--gate
 """
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from nexus_middleware.paths import request_path
@@ -32,36 +32,47 @@ def _upstream_url() -> str:
 def upstream() -> ASGIApp:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await _lifespan(scope, receive, send)
-            return
+    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": BODY})
+
+    return _served(handle)
+
+
+def _served(
+    handle: ASGIApp,
+    startup: Callable[[], Awaitable[None]] | None = None,
+    shutdown: Callable[[], Awaitable[None]] | None = None,
+) -> ASGIApp:
+    """`handle` for http requests; `startup`/`shutdown` run by the lifespan (the pooled client's life)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await handle(scope, receive, send)
+            return
+        if scope["type"] != "lifespan":
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if startup is not None:
+                    await startup()
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                if shutdown is not None:
+                    await shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     return app
 
 
-async def _lifespan(
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-    startup: Callable[[], Awaitable[None]] | None = None,
-    shutdown: Callable[[], Awaitable[None]] | None = None,
-) -> None:
-    if scope["type"] != "lifespan":
-        return
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            if startup is not None:
-                await startup()
-            await send({"type": "lifespan.startup.complete"})
-        else:
-            if shutdown is not None:
-                await shutdown()
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+async def _send_response(send: Send, status: int, raw_headers: Any, body: AsyncIterator[bytes]) -> None:
+    """The upstream response streamed back as it comes, as the minimal proxies all do."""
+    await send({"type": "http.response.start", "status": status, "headers": _response_headers(raw_headers)})
+    async for chunk in body:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def _request_body(receive: Receive) -> Any:
@@ -99,10 +110,7 @@ def minimal_aiohttp() -> ASGIApp:
     async def shutdown() -> None:
         await state["session"].close()
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await _lifespan(scope, receive, send, startup, shutdown)
-            return
+    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         url = base + scope["raw_path"].decode("latin-1")
         has_body = scope["method"] not in ("GET", "HEAD")
         async with state["session"].request(
@@ -112,18 +120,9 @@ def minimal_aiohttp() -> ASGIApp:
             data=_request_body(receive) if has_body else None,
             allow_redirects=False,
         ) as response:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status,
-                    "headers": _response_headers(response.raw_headers),
-                }
-            )
-            async for chunk in response.content.iter_any():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
+            await _send_response(send, response.status, response.raw_headers, response.content.iter_any())
 
-    return app
+    return _served(handle, startup, shutdown)
 
 
 def _minimal_httpx_like(module: Any) -> ASGIApp:
@@ -141,10 +140,7 @@ def _minimal_httpx_like(module: Any) -> ASGIApp:
     async def shutdown() -> None:
         await state["client"].aclose()
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await _lifespan(scope, receive, send, startup, shutdown)
-            return
+    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         client = state["client"]
         has_body = scope["method"] not in ("GET", "HEAD")
         request = client.build_request(
@@ -155,20 +151,11 @@ def _minimal_httpx_like(module: Any) -> ASGIApp:
         )
         response = await client.send(request, stream=True)
         try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": _response_headers(response.headers.raw),
-                }
-            )
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
+            await _send_response(send, response.status_code, response.headers.raw, response.aiter_raw())
         finally:
             await response.aclose()
 
-    return app
+    return _served(handle, startup, shutdown)
 
 
 def minimal_httpx() -> ASGIApp:
@@ -204,14 +191,11 @@ def _gateway_proxy(kind: ClientKind) -> ASGIApp:
     async def shutdown() -> None:
         await state["client"].aclose()
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await _lifespan(scope, receive, send, startup, shutdown)
-            return
+    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         proxy: ReverseProxy = state["proxy"]
         await proxy.forward(scope, receive, send, selector=selector, policy=policy, path=request_path(scope))
 
-    return app
+    return _served(handle, startup, shutdown)
 
 
 def gateway_proxy_aiohttp() -> ASGIApp:
