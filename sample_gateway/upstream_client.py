@@ -24,6 +24,7 @@ from nexus_middleware.headers import RawHeaders
 if TYPE_CHECKING:
     import aiohttp
     import httpx
+    import yarl
 
 __all__ = [
     "ClientKind",
@@ -294,6 +295,7 @@ _Classes = tuple[type[BaseException], ...]
 class _LibraryErrors:
     """A client library's exception classes per cause, checked in this order; any other broke the link."""
 
+    base: type[BaseException]  # what the library raises for its own failures
     connect_timeout: _Classes
     pool_timeout: _Classes
     read_timeout: _Classes
@@ -492,8 +494,6 @@ class _AiohttpResponse(_GatedResponse):
         self._done = False
 
     async def iter_raw(self) -> AsyncIterator[bytes]:
-        import aiohttp
-
         content = self._response.content
         try:
             while True:
@@ -501,7 +501,7 @@ class _AiohttpResponse(_GatedResponse):
                 if not chunk:
                     break
                 yield chunk
-        except aiohttp.ClientError as exc:
+        except _aiohttp_errors().base as exc:
             raise _aiohttp_error(exc) from exc
         except TimeoutError as exc:
             raise UpstreamTimeoutError("the upstream stopped sending", phase="read") from exc
@@ -522,12 +522,21 @@ def _aiohttp_errors() -> _LibraryErrors:
     import aiohttp
 
     return _LibraryErrors(
+        base=aiohttp.ClientError,
         connect_timeout=(aiohttp.ConnectionTimeoutError,),
         pool_timeout=(),
         read_timeout=(aiohttp.ServerTimeoutError,),
         connect=(aiohttp.ClientConnectorError,),
         protocol=(aiohttp.ClientResponseError, aiohttp.ClientPayloadError),
     )
+
+
+@functools.cache
+def _yarl_url() -> "type[yarl.URL]":
+    # Imported on first use, like aiohttp itself; cached so the request path does no import per call.
+    from yarl import URL
+
+    return URL
 
 
 def _aiohttp_error(exc: BaseException) -> UpstreamError:
@@ -617,10 +626,8 @@ class _AiohttpClient(_BaseClient["aiohttp.ClientSession", "aiohttp.ClientTimeout
         body: _Body,
         timeout: "aiohttp.ClientTimeout",
     ) -> Awaitable["aiohttp.ClientResponse"]:
-        from yarl import URL
-
         path, _, query = target.partition("?")
-        url = URL.build(
+        url = _yarl_url().build(
             scheme=origin.scheme,
             host=origin.host,
             port=origin.port,
@@ -640,10 +647,9 @@ class _AiohttpClient(_BaseClient["aiohttp.ClientSession", "aiohttp.ClientTimeout
         )
 
     def _upstream_error(self, exc: BaseException) -> UpstreamError | None:
-        import aiohttp
-
-        if isinstance(exc, aiohttp.ClientError):
-            return _aiohttp_error(exc)
+        errors = _aiohttp_errors()
+        if isinstance(exc, errors.base):
+            return errors.translate(exc)
         if isinstance(exc, TimeoutError):
             return UpstreamTimeoutError("the upstream did not answer in time", phase="read")
         return None
@@ -680,6 +686,7 @@ def _httpx_errors() -> _LibraryErrors:
     import httpx
 
     return _LibraryErrors(
+        base=httpx.TransportError,
         connect_timeout=(httpx.ConnectTimeout,),
         pool_timeout=(httpx.PoolTimeout,),
         read_timeout=(httpx.TimeoutException,),
