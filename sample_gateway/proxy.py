@@ -706,7 +706,8 @@ class _Exchange(_Forwarding):
         self, gate: ConnectionGate, method: str, origin: Origin, headers: RawHeaders, connect_timeout: float
     ) -> UpstreamResponse:
         service = self._policy.service
-        await gate.acquire(service, connect_timeout)
+        if not gate.try_acquire(service):
+            await gate.acquire(service, connect_timeout)
         try:
             return await self._proxy._client.open(
                 method,
