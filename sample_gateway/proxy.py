@@ -686,21 +686,11 @@ class _Exchange(_Forwarding):
             connect_timeout = min(connect_timeout, remaining)
         gate = proxy._service_gate(policy)
         try:
-            async with asyncio.timeout(remaining):
-                await gate.acquire(policy.service, connect_timeout)
-                try:
-                    response = await proxy._client.open(
-                        method,
-                        origin,
-                        self._target,
-                        headers,
-                        self._body.payload(),
-                        connect_timeout=connect_timeout,
-                        read_timeout=policy.read_timeout,
-                    )
-                except BaseException:
-                    gate.release(policy.service)
-                    raise
+            if remaining is None:  # no deadline: the client's own connect and read timeouts bound the phase
+                response = await self._open(gate, method, origin, headers, connect_timeout)
+            else:
+                async with asyncio.timeout(remaining):
+                    response = await self._open(gate, method, origin, headers, connect_timeout)
         except UpstreamError as exc:
             self._observe(target, _outcome_of(exc), None, began)
             return exc
@@ -711,6 +701,26 @@ class _Exchange(_Forwarding):
             self._observe(target, "cancelled", None, began)
             raise
         return _Attempt(response, GateSlot(gate, policy.service), clock.monotonic() - began)
+
+    async def _open(
+        self, gate: ConnectionGate, method: str, origin: Origin, headers: RawHeaders, connect_timeout: float
+    ) -> UpstreamResponse:
+        service = self._policy.service
+        if not gate.try_acquire(service):
+            await gate.acquire(service, connect_timeout)
+        try:
+            return await self._proxy._client.open(
+                method,
+                origin,
+                self._target,
+                headers,
+                self._body.payload(),
+                connect_timeout=connect_timeout,
+                read_timeout=self._policy.read_timeout,
+            )
+        except BaseException:
+            gate.release(service)
+            raise
 
     async def _finish(self, target: Target, attempt: "_Attempt", outcome: AttemptOutcome) -> None:
         try:

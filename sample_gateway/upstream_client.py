@@ -12,6 +12,7 @@ machine (see docs/performance.md); httpx stays selectable, and is the control pl
 """
 
 import asyncio
+import collections
 import functools
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from nexus_middleware.headers import RawHeaders
 if TYPE_CHECKING:
     import aiohttp
     import httpx
+    import yarl
 
 __all__ = [
     "ClientKind",
@@ -197,6 +199,51 @@ class UpstreamClient(Protocol):
     async def aclose(self) -> None: ...
 
 
+class _Slots:
+    """A counting gate whose free slot is taken without an await; waiters are served first come, first served.
+
+    `asyncio.Semaphore` would do, but it has no synchronous acquire and its `locked()` scans the waiters: two
+    coroutine calls and a generator per gate per request on the proxy's hot path.
+    """
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def free(self) -> bool:
+        return self._free > 0 and not self._waiters
+
+    def take(self) -> None:
+        self._free -= 1
+
+    async def wait(self) -> None:
+        """Take a slot, waiting for one; a cancelled wait takes nothing and passes on a slot it was handed."""
+        if self.free():
+            self._free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.give()  # handed a slot just as the wait was cancelled: the next waiter gets it
+            elif waiter in self._waiters:  # `give` may have dropped it already
+                self._waiters.remove(waiter)
+            raise
+
+    def give(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes straight to the first waiter
+                return
+        self._free += 1
+
+
 class ConnectionGate:
     """Bounds connections in use, in total and per origin; a wait past its timeout is pool exhaustion.
 
@@ -207,47 +254,56 @@ class ConnectionGate:
     __slots__ = ("_per_key", "_per_key_limit", "_total")
 
     def __init__(self, max_connections: int, max_per_key: int = 0) -> None:
-        self._total = asyncio.Semaphore(max_connections) if max_connections > 0 else None
+        self._total = _Slots(max_connections) if max_connections > 0 else None
         self._per_key_limit = max_per_key
-        self._per_key: dict[str, asyncio.Semaphore] = {}
+        self._per_key: dict[str, _Slots] = {}
+
+    def _key_slots(self, key: str) -> _Slots | None:
+        if self._per_key_limit <= 0:
+            return None
+        per_key = self._per_key.get(key)
+        if per_key is None:
+            per_key = self._per_key[key] = _Slots(self._per_key_limit)
+        return per_key
+
+    def try_acquire(self, key: str) -> bool:
+        """Take one slot for `key` if one is free right now, without waiting (the common case)."""
+        total = self._total
+        per_key = self._key_slots(key)
+        if (total is None or total.free()) and (per_key is None or per_key.free()):
+            if total is not None:
+                total.take()
+            if per_key is not None:
+                per_key.take()
+            return True
+        return False
 
     async def acquire(self, key: str, wait: float) -> None:
         """Take one slot for `key`; raises `UpstreamPoolExhaustedError` when none frees in `wait` s."""
-        per_key = None
-        if self._per_key_limit > 0:
-            per_key = self._per_key.get(key)
-            if per_key is None:
-                per_key = self._per_key[key] = asyncio.Semaphore(self._per_key_limit)
-        total = self._total
-        if (total is None or not total.locked()) and (per_key is None or not per_key.locked()):
-            # Free slots: acquiring cannot block, so no timer is armed (the common case, once per request).
-            if total is not None:
-                await total.acquire()
-            if per_key is not None:
-                await per_key.acquire()
-            return
-        taken: list[asyncio.Semaphore] = []
+        if self.try_acquire(key):
+            return  # no timer armed when slots are free
+        taken: list[_Slots] = []
         try:
             async with asyncio.timeout(wait):
-                for semaphore in (self._total, per_key):
-                    if semaphore is not None:
-                        await semaphore.acquire()
-                        taken.append(semaphore)
+                for slots in (self._total, self._key_slots(key)):
+                    if slots is not None:
+                        await slots.wait()
+                        taken.append(slots)
         except TimeoutError:
-            for semaphore in taken:
-                semaphore.release()
+            for slots in taken:
+                slots.give()
             raise UpstreamPoolExhaustedError("no upstream connection became free in time") from None
         except BaseException:
-            for semaphore in taken:
-                semaphore.release()
+            for slots in taken:
+                slots.give()
             raise
 
     def release(self, key: str) -> None:
         if self._total is not None:
-            self._total.release()
+            self._total.give()
         per_key = self._per_key.get(key)
         if per_key is not None:
-            per_key.release()
+            per_key.give()
 
 
 def create_upstream_client(
@@ -294,6 +350,7 @@ _Classes = tuple[type[BaseException], ...]
 class _LibraryErrors:
     """A client library's exception classes per cause, checked in this order; any other broke the link."""
 
+    base: type[BaseException]  # what the library raises for its own failures
     connect_timeout: _Classes
     pool_timeout: _Classes
     read_timeout: _Classes
@@ -378,7 +435,8 @@ class _BaseClient(Generic[_Pool, _LibraryTimeout, _LibraryResponse]):
         read_timeout: float,
     ) -> UpstreamResponse:
         key = origin.netloc
-        await self._gate.acquire(key, connect_timeout)
+        if not self._gate.try_acquire(key):
+            await self._gate.acquire(key, connect_timeout)
         try:
             response = await self._request(
                 method, origin, target, headers, body, self._timeout(connect_timeout, read_timeout)
@@ -492,8 +550,6 @@ class _AiohttpResponse(_GatedResponse):
         self._done = False
 
     async def iter_raw(self) -> AsyncIterator[bytes]:
-        import aiohttp
-
         content = self._response.content
         try:
             while True:
@@ -501,7 +557,7 @@ class _AiohttpResponse(_GatedResponse):
                 if not chunk:
                     break
                 yield chunk
-        except aiohttp.ClientError as exc:
+        except _aiohttp_errors().base as exc:
             raise _aiohttp_error(exc) from exc
         except TimeoutError as exc:
             raise UpstreamTimeoutError("the upstream stopped sending", phase="read") from exc
@@ -522,12 +578,21 @@ def _aiohttp_errors() -> _LibraryErrors:
     import aiohttp
 
     return _LibraryErrors(
+        base=aiohttp.ClientError,
         connect_timeout=(aiohttp.ConnectionTimeoutError,),
         pool_timeout=(),
         read_timeout=(aiohttp.ServerTimeoutError,),
         connect=(aiohttp.ClientConnectorError,),
         protocol=(aiohttp.ClientResponseError, aiohttp.ClientPayloadError),
     )
+
+
+@functools.cache
+def _yarl_url() -> "type[yarl.URL]":
+    # Imported on first use, like aiohttp itself; cached so the request path does no import per call.
+    from yarl import URL
+
+    return URL
 
 
 def _aiohttp_error(exc: BaseException) -> UpstreamError:
@@ -617,10 +682,8 @@ class _AiohttpClient(_BaseClient["aiohttp.ClientSession", "aiohttp.ClientTimeout
         body: _Body,
         timeout: "aiohttp.ClientTimeout",
     ) -> Awaitable["aiohttp.ClientResponse"]:
-        from yarl import URL
-
         path, _, query = target.partition("?")
-        url = URL.build(
+        url = _yarl_url().build(
             scheme=origin.scheme,
             host=origin.host,
             port=origin.port,
@@ -640,10 +703,9 @@ class _AiohttpClient(_BaseClient["aiohttp.ClientSession", "aiohttp.ClientTimeout
         )
 
     def _upstream_error(self, exc: BaseException) -> UpstreamError | None:
-        import aiohttp
-
-        if isinstance(exc, aiohttp.ClientError):
-            return _aiohttp_error(exc)
+        errors = _aiohttp_errors()
+        if isinstance(exc, errors.base):
+            return errors.translate(exc)
         if isinstance(exc, TimeoutError):
             return UpstreamTimeoutError("the upstream did not answer in time", phase="read")
         return None
@@ -680,6 +742,7 @@ def _httpx_errors() -> _LibraryErrors:
     import httpx
 
     return _LibraryErrors(
+        base=httpx.TransportError,
         connect_timeout=(httpx.ConnectTimeout,),
         pool_timeout=(httpx.PoolTimeout,),
         read_timeout=(httpx.TimeoutException,),
