@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from nexus_middleware.context import peek_context
 from nexus_middleware.errors import ConfigurationError, InvalidPathError, StorageError
 from nexus_middleware.headers import get_header
-from nexus_middleware.paths import RouteTable, request_path
+from nexus_middleware.paths import INVALID_PATH, RouteTable, request_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import Receive, Scope, Send
 from sample_gateway.config import (
@@ -135,7 +135,7 @@ class AdminApp:
         try:
             path = request_path(scope)[len(self._prefix) :] or "/"
         except InvalidPathError:
-            await send_problem(scope, send, Problem(400, "The request path is not valid."), layer="admin")
+            await send_problem(scope, send, INVALID_PATH, layer="admin")
             return
         found = self._routes.match(path, scope["method"])
         if found is None:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from nexus_middleware.context import get_context
 from nexus_middleware.errors import InvalidPathError, StorageError
-from nexus_middleware.paths import request_path
+from nexus_middleware.paths import INVALID_PATH, request_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 from sample_gateway.config import (
@@ -109,7 +109,6 @@ DataPlaneFactory = Callable[[GatewayRuntime], tuple[Forwarder, UpstreamClient]]
 
 _NOT_FOUND = Problem(404, "No route matches this request.")
 _NOT_STARTED = Problem(503, "The gateway is starting.")
-_BAD_PATH = Problem(400, "The request path is not valid.")
 _NO_WEBSOCKET = Problem(501, "The gateway does not proxy websockets yet.")
 
 
@@ -231,7 +230,7 @@ async def _path_or_refuse(scope: Scope, send: Send) -> str | None:
     try:
         return request_path(scope)
     except InvalidPathError:
-        await send_problem(scope, send, _BAD_PATH, layer="gateway")
+        await send_problem(scope, send, INVALID_PATH, layer="gateway")
         return None
 
 

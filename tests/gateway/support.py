@@ -4,8 +4,8 @@ import itertools
 from dataclasses import dataclass, field
 
 from nexus_middleware.errors import InvalidPathError
-from nexus_middleware.paths import request_path
-from nexus_middleware.problem import Problem, send_problem
+from nexus_middleware.paths import INVALID_PATH, request_path
+from nexus_middleware.problem import send_problem
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 from sample_gateway.contracts import AttemptOutcome, Target, UpstreamPolicy
 from sample_gateway.proxy import ReverseProxy
@@ -63,8 +63,8 @@ def proxy_app(
                     return
         try:
             path = request_path(scope)
-        except InvalidPathError as exc:
-            await send_problem(scope, send, Problem(400, str(exc)), layer="paths")
+        except InvalidPathError:
+            await send_problem(scope, send, INVALID_PATH, layer="paths")
             return
         try:
             await proxy.forward(

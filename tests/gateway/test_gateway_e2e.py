@@ -233,3 +233,13 @@ async def test_a_route_timeout_overrides_the_service_deadline() -> None:
     assert fast.status_code == 504 and fast.headers["content-type"] == "application/problem+json"
     assert 0.25 < elapsed < 2.0
     assert slow.status_code == 200
+
+
+async def test_an_unusable_path_is_the_shared_400_problem_and_never_routed() -> None:
+    async with upstream("a") as (url_a, app_a):
+        gateway = create_app(config([url_a]))
+        recorded = await run_asgi(gateway, make_scope("/api/x%00", raw_path=b"/api/x%00"))
+    assert recorded.status == 400
+    assert recorded.header("content-type") == "application/problem+json"
+    assert recorded.json()["detail"] == "The request path is invalid."
+    assert app_a.received == []
