@@ -17,11 +17,18 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import parse_qsl
 
 from nexus_middleware.clock import SYSTEM_CLOCK, Clock
-from nexus_middleware.context import ANONYMOUS, Principal, get_context, publish_principal
+from nexus_middleware.context import (
+    ANONYMOUS,
+    AUTH_MODES,
+    AuthMode,
+    Principal,
+    get_context,
+    publish_principal,
+)
 from nexus_middleware.errors import (
     ConfigurationError,
     InvalidPathError,
@@ -45,14 +52,11 @@ __all__ = [
     "IssuedAPIKey",
     "MemoryAPIKeyStore",
     "RedisAPIKeyStore",
-    "RouteMode",
     "hash_api_key_secret",
 ]
 
 logger = logging.getLogger(__name__)
 
-RouteMode = Literal["required", "optional", "exempt"]
-_MODES = frozenset({"required", "optional", "exempt"})
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _PREFIX = re.compile(r"[A-Za-z0-9]{1,16}")
@@ -80,7 +84,7 @@ class APIKeyPolicy:
     header_name: str = "X-API-Key"
     query_param: str | None = None
     key_prefix: str = "nx"
-    default: RouteMode = "required"
+    default: AuthMode = "required"
     cache_ttl: float = 5.0
     cache_size: int = 10_000
     stale_if_error: float = 0.0
@@ -93,8 +97,8 @@ class APIKeyPolicy:
             raise ConfigurationError("query_param must be a non-empty name or None")
         if not _PREFIX.fullmatch(self.key_prefix):
             raise ConfigurationError("key_prefix must be 1 to 16 ASCII letters or digits")
-        if self.default not in _MODES:
-            raise ConfigurationError(f"default must be one of {sorted(_MODES)}, not {self.default!r}")
+        if self.default not in AUTH_MODES:
+            raise ConfigurationError(f"default must be one of {sorted(AUTH_MODES)}, not {self.default!r}")
         if self.cache_ttl < 0:
             raise ConfigurationError("cache_ttl must be zero or positive")
         if self.cache_size <= 0:
@@ -542,7 +546,7 @@ class APIKeyMiddleware:
         *,
         store: APIKeyStore,
         policy: APIKeyPolicy = APIKeyPolicy(),
-        routes: Iterable[tuple[str, Iterable[str] | None, RouteMode]] = (),
+        routes: Iterable[tuple[str, Iterable[str] | None, AuthMode]] = (),
         required: Iterable[str] = (),
         optional: Iterable[str] = (),
         exempt: Iterable[str] = (),
@@ -550,10 +554,10 @@ class APIKeyMiddleware:
     ) -> None:
         if not isinstance(store, APIKeyStore):
             raise ConfigurationError("store must implement APIKeyStore (get, put, swap, records, aclose)")
-        entries: list[tuple[str, Iterable[str] | None, RouteMode]] = list(routes)
+        entries: list[tuple[str, Iterable[str] | None, AuthMode]] = list(routes)
         for _, _, mode in entries:
-            if mode not in _MODES:
-                raise ConfigurationError(f"route mode must be one of {sorted(_MODES)}, not {mode!r}")
+            if mode not in AUTH_MODES:
+                raise ConfigurationError(f"route mode must be one of {sorted(AUTH_MODES)}, not {mode!r}")
         entries += [(pattern, None, "required") for pattern in required]
         entries += [(pattern, None, "optional") for pattern in optional]
         entries += [(pattern, None, "exempt") for pattern in exempt]
@@ -561,7 +565,7 @@ class APIKeyMiddleware:
         self._store = store
         self._policy = policy
         self._clock = clock
-        self._routes: RouteTable[RouteMode] | None = RouteTable(entries) if entries else None
+        self._routes: RouteTable[AuthMode] | None = RouteTable(entries) if entries else None
         self._header = policy.header_name.lower().encode("latin-1")
         self._query_param = policy.query_param
         self._key_regex = re.compile(

@@ -12,14 +12,16 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal, get_args
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import httpx
 
 from nexus_middleware.context import (
     ANONYMOUS,
+    AUTH_MODES,
     AuthMethod,
+    AuthMode,
     Decision,
     Principal,
     get_context,
@@ -50,8 +52,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-AuthMode = Literal["required", "optional", "exempt"]
-_MODES = frozenset(get_args(AuthMode))
 _LAYER = "auth"
 _UNAVAILABLE_RETRY_AFTER = b"5"
 _ANONYMOUS_DETAILS: Mapping[str, Any] = MappingProxyType({"method": "anonymous"})
@@ -214,12 +214,12 @@ class BearerGate:
         location: TokenLocation,
         realm: str | None,
     ) -> None:
-        if default not in _MODES:
-            raise ConfigurationError(f"default must be one of {sorted(_MODES)}, not {default!r}")
+        if default not in AUTH_MODES:
+            raise ConfigurationError(f"default must be one of {sorted(AUTH_MODES)}, not {default!r}")
         entries = list(routes)
         for _, _, mode in entries:
-            if mode not in _MODES:
-                raise ConfigurationError(f"route mode must be one of {sorted(_MODES)}, not {mode!r}")
+            if mode not in AUTH_MODES:
+                raise ConfigurationError(f"route mode must be one of {sorted(AUTH_MODES)}, not {mode!r}")
         if realm is not None and (not realm or '"' in realm or "\\" in realm):
             raise ConfigurationError("realm must be a non-empty string without quotes or backslashes")
         self.app = app

@@ -11,13 +11,15 @@ from contextlib import AbstractContextManager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from nexus_middleware.types import Scope
 
 __all__ = [
     "ANONYMOUS",
+    "AUTH_MODES",
     "AuthMethod",
+    "AuthMode",
     "Decision",
     "Principal",
     "RequestContext",
@@ -35,6 +37,10 @@ __all__ = [
 STATE_KEY = "nexus"
 
 AuthMethod = Literal["jwt", "api_key", "introspection", "anonymous"]
+
+# How an authentication layer treats a route: credentials required, optional (anonymous passes), or not read.
+AuthMode = Literal["required", "optional", "exempt"]
+AUTH_MODES: frozenset[str] = frozenset(get_args(AuthMode))
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
