@@ -599,6 +599,28 @@ def _aiohttp_error(exc: BaseException) -> UpstreamError:
     return _aiohttp_errors().translate(exc)
 
 
+@functools.cache
+def _transparent_request() -> "type[aiohttp.ClientRequest]":
+    import aiohttp
+    from multidict import CIMultiDict
+
+    class TransparentRequest(aiohttp.ClientRequest):
+        """A request that adds none of aiohttp's default headers: a proxy sends what the client sent.
+
+        `skip_auto_headers` says the same, but costs a sorted copy of every request's headers; this class
+        skips the defaults outright. `_skip_auto_headers` still keeps aiohttp from adding a Content-Type.
+        """
+
+        _skip_auto_headers = CIMultiDict(
+            (name, None) for name in ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
+        )
+
+        def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+            return None
+
+    return TransparentRequest
+
+
 def _aiohttp_session(connector: "aiohttp.TCPConnector") -> "aiohttp.ClientSession":
     import aiohttp
 
@@ -607,7 +629,7 @@ def _aiohttp_session(connector: "aiohttp.TCPConnector") -> "aiohttp.ClientSessio
         auto_decompress=False,
         trust_env=False,
         cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        request_class=_transparent_request(),
         version=aiohttp.HttpVersion11,
         timeout=aiohttp.ClientTimeout(total=None),
     )

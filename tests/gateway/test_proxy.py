@@ -153,6 +153,23 @@ async def test_request_hop_by_hop_headers_are_stripped_and_gateway_headers_set(
     assert received["x-request-id"] != ["client-chosen"]  # no request id layer ran: the proxy made one
 
 
+@pytest.mark.parametrize(("request_line", "body"), [("GET /h HTTP/1.1", b""), ("POST /h HTTP/1.1", b"xyz")])
+async def test_the_client_library_adds_no_headers_of_its_own(
+    upstream_client: UpstreamClient, request_line: str, body: bytes
+) -> None:
+    # A client that sends only Host: the upstream sees no Accept, Accept-Encoding, User-Agent or Content-Type
+    # that the upstream client library would add by default.
+    async with upstreams("a") as [(_, url)], gateway(upstream_client, [target("a", url)]) as gw:
+        raw = await raw_request(gw.url, request_line, "gw.example", body)
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    echo = json.loads(payload)
+    names = {name for name, _ in echo["headers"]}
+    assert {"host", "x-forwarded-for", "via"} <= names
+    assert not names & {"accept", "accept-encoding", "user-agent", "content-type"}, names
+    assert echo["body_length"] == len(body)
+
+
 async def test_forwarding_headers_from_a_trusted_peer_are_kept_and_appended(
     upstream_client: UpstreamClient,
 ) -> None:
@@ -574,10 +591,12 @@ async def canary() -> AsyncIterator[tuple[list[bytes], int]]:
         await server.wait_closed()
 
 
-async def raw_request(base_url: str, request_line: str, host: str) -> bytes:
+async def raw_request(base_url: str, request_line: str, host: str, body: bytes = b"") -> bytes:
     port = int(base_url.rsplit(":", 1)[1])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"{request_line}\r\nhost: {host}\r\nconnection: close\r\n\r\n".encode("latin-1"))
+    length = f"content-length: {len(body)}\r\n" if body else ""
+    head = f"{request_line}\r\nhost: {host}\r\n{length}connection: close\r\n\r\n"
+    writer.write(head.encode("latin-1") + body)
     await writer.drain()
     data = await asyncio.wait_for(reader.read(), 10)
     writer.close()
