@@ -77,8 +77,11 @@ IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELET
 # retryable request so that it can be replayed; larger or chunked bodies are streamed and never replayed once
 # the upstream started reading them.
 REPLAY_BUFFER_LIMIT = 64 * 1024
-# An exchange still running after this long starts watching for the client going away (see _arm_watcher).
+# An exchange still running after this long starts watching for the client going away (see _Sweeper).
 DISCONNECT_WATCH_DELAY = 0.1
+# How often the in-flight exchanges are checked for a passed deadline or a due disconnect watch: the most
+# either can be late by.
+SWEEP_INTERVAL = 0.05
 
 # The gateway sets these itself; what the client sent is believed only from a trusted proxy.
 _FORWARDED_NAMES = (b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port")
@@ -197,6 +200,7 @@ class ReverseProxy:
         self._origins: dict[str, Origin] = {}
         self._budgets: dict[tuple[str, float, float], RetryBudget] = {}
         self._service_gates: dict[tuple[str, int], ConnectionGate] = {}
+        self._sweeper = _Sweeper(clock)
 
     def __repr__(self) -> str:
         return (
@@ -370,6 +374,46 @@ class ReverseProxy:
         return out
 
 
+class _Sweeper:
+    """Checks every exchange in flight about every SWEEP_INTERVAL, instead of arming timers per exchange.
+
+    A deadline timer and a disconnect-watch timer per exchange cost more than the rest of a fast exchange's
+    bookkeeping (uvloop allocates a libuv timer for each `call_later`); one periodic check costs a dict
+    insertion per exchange, and runs only while exchanges are in flight. The price: a deadline or a watch
+    can be up to SWEEP_INTERVAL late.
+    """
+
+    __slots__ = ("_clock", "_exchanges", "_handle", "_loop")
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._exchanges: dict[_Exchange, None] = {}
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, exchange: "_Exchange") -> None:
+        self._exchanges[exchange] = None
+        loop = asyncio.get_running_loop()
+        if self._handle is None or self._loop is not loop:  # a closed loop's timer never fires
+            self._loop = loop
+            self._handle = loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def discard(self, exchange: "_Exchange") -> None:
+        self._exchanges.pop(exchange, None)
+
+    def _sweep(self) -> None:
+        now = self._clock.monotonic()
+        for exchange in list(self._exchanges):
+            try:
+                exchange.sweep(now)
+            except Exception:  # one broken exchange must not stop the others' deadlines
+                logger.exception("checking an exchange in flight failed")
+        if self._exchanges and self._loop is not None:
+            self._handle = self._loop.call_later(SWEEP_INTERVAL, self._sweep)
+        else:
+            self._handle = None
+
+
 def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
@@ -381,7 +425,7 @@ def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[byte
 class _RequestBody:
     """The request body of one exchange: empty, buffered (replayable), or streamed (replayable until read)."""
 
-    __slots__ = ("_buffered", "_complete", "_empty", "_on_complete", "_on_disconnect", "_receive", "consumed")
+    __slots__ = ("_buffered", "_complete", "_empty", "_on_disconnect", "_receive", "consumed")
 
     def __init__(self, receive: Receive) -> None:
         self._receive = receive
@@ -389,7 +433,6 @@ class _RequestBody:
         self._buffered: bytes | None = None
         self._complete = False
         self.consumed = False
-        self._on_complete: Callable[[], None] = _nothing
         self._on_disconnect: Callable[[], None] = _nothing
 
     async def prepare(self, headers: Sequence[tuple[bytes, bytes]], buffer_limit: int) -> bool:
@@ -423,8 +466,7 @@ class _RequestBody:
     def replayable(self) -> bool:
         return self._empty or self._buffered is not None or not self.consumed
 
-    def watch(self, on_complete: Callable[[], None], on_disconnect: Callable[[], None]) -> None:
-        self._on_complete = on_complete
+    def watch(self, on_disconnect: Callable[[], None]) -> None:
         self._on_disconnect = on_disconnect
 
     def payload(self) -> bytes | AsyncIterator[bytes] | None:
@@ -447,7 +489,6 @@ class _RequestBody:
             if not message.get("more_body", False):
                 break
         self._complete = True
-        self._on_complete()
 
 
 def _nothing() -> None:
@@ -524,7 +565,7 @@ class _Exchange(_Forwarding):
         "_started",
         "_target",
         "_task",
-        "_watch_handle",
+        "_watch_after",
         "_watcher",
     )
 
@@ -547,7 +588,7 @@ class _Exchange(_Forwarding):
         self._disconnected = False
         self._task: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._watch_handle: asyncio.TimerHandle | None = None
+        self._watch_after = 0.0
         self._done_sending = False
         self._opening = False
         self._deadline_hit = False
@@ -572,17 +613,15 @@ class _Exchange(_Forwarding):
         budget.deposit()
         # The exchange runs in the request's own task (a child task would cost two more loop iterations per
         # request); a client disconnect cancels that task, and only a cancel of our own is absorbed here.
-        task = self._task = asyncio.current_task()
-        self._body.watch(self._arm_watcher, self._client_gone)
-        if self._body.complete:
-            self._arm_watcher()
-        deadline_timer = None
-        if self._deadline is not None:
-            remaining = self._deadline - proxy._clock.monotonic()  # the clock is injectable: not loop.time()
-            deadline_timer = asyncio.get_running_loop().call_later(remaining, self._deadline_passed)
+        self._task = asyncio.current_task()
+        self._body.watch(self._client_gone)
+        self._watch_after = proxy._clock.monotonic() + DISCONNECT_WATCH_DELAY
+        sweeper = proxy._sweeper
+        sweeper.add(self)
         try:
             await self._attempts(method, outgoing, retryable, budget)
         except asyncio.CancelledError:
+            task = self._task
             if not self._disconnected or task is None or task.uncancel() > 0:
                 raise
             self._context.record(
@@ -590,23 +629,23 @@ class _Exchange(_Forwarding):
             )
         finally:
             self._done_sending = True
-            if deadline_timer is not None:
-                deadline_timer.cancel()
-            if self._watch_handle is not None:
-                self._watch_handle.cancel()
+            sweeper.discard(self)
             if self._watcher is not None:
                 self._watcher.cancel()
 
-    def _arm_watcher(self) -> None:
-        # Watching `receive` costs a task and, in uvicorn, a resume of socket reading per request: a
-        # measurable share of a fast exchange. Only exchanges still running after a short delay pay for it.
-        if self._watch_handle is None and not self._done_sending:
-            loop = asyncio.get_running_loop()
-            self._watch_handle = loop.call_later(DISCONNECT_WATCH_DELAY, self._start_watcher)
-
-    def _start_watcher(self) -> None:
-        if self._watcher is None and not self._done_sending:
+    def sweep(self, now: float) -> None:
+        """Called by the sweeper about every SWEEP_INTERVAL while the exchange is in flight."""
+        if (
+            self._watcher is None
+            and now >= self._watch_after
+            and self._body.complete
+            and not self._done_sending
+        ):
+            # Watching `receive` costs a task and, in uvicorn, a resume of socket reading per request: a
+            # measurable share of a fast exchange. Only exchanges still running after a delay pay for it.
             self._watcher = asyncio.ensure_future(self._watch())
+        if self._deadline is not None and now >= self._deadline:
+            self._deadline_passed()
 
     async def _watch(self) -> None:
         try:
@@ -729,12 +768,10 @@ class _Exchange(_Forwarding):
         return _Attempt(response, GateSlot(gate, service), clock.monotonic() - began)
 
     def _deadline_passed(self) -> None:
-        # One timer per exchange, armed in run(): it cancels the request's own task, like asyncio.timeout
-        # would, but only while an attempt waits for a response head; elsewhere the next attempt sees the
-        # deadline gone and stops by itself. asyncio.timeout per attempt costs a measurable share of a
-        # fast exchange.
+        # The request's own task is cancelled, as asyncio.timeout would, but only while an attempt waits for
+        # a response head; elsewhere the next attempt sees the deadline gone and stops by itself.
         task = self._task
-        if self._opening and not self._disconnected and task is not None:
+        if self._opening and not self._deadline_hit and not self._disconnected and task is not None:
             self._deadline_hit = True
             task.cancel()
 
