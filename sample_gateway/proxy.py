@@ -11,7 +11,8 @@ import logging
 import os
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Literal
 
 from nexus_middleware.client import ClientAddressResolver
@@ -92,6 +93,8 @@ _UNSAFE_PATH_BYTES = re.compile(rb"[?#\\]")
 _SAFE_QUERY = re.compile(rb"[\x21-\x7e]*")
 _UNSAFE_QUERY_BYTES = re.compile(rb"[#\\]")
 _DEFAULT_PORTS = {"http": b"80", "https": b"443", "ws": b"80", "wss": b"443"}
+_SCHEMES = {"http": b"http", "https": b"https", "ws": b"ws", "wss": b"wss"}
+_NOTHING_CLAIMED: Mapping[bytes, bytes] = MappingProxyType({})
 _MAX_CACHED = 1024
 _ONE_TOKEN = 1 - 1e-9  # ten deposits of 0.1 make one retry, whatever the float rounding
 
@@ -182,6 +185,7 @@ class ReverseProxy:
         self._resolver = client_resolver or ClientAddressResolver()
         self._clock = clock
         self._via = via.encode("latin-1")
+        self._via_header = (b"via", self._via)
         self._request_id_header = _validate_header_name(request_id_header, "request_id_header")
         self._hooks = tuple(header_hooks)
         self._replay_limit = replay_buffer_limit
@@ -311,35 +315,52 @@ class ReverseProxy:
 
     def request_headers(self, scope: Scope, context: RequestContext) -> RawHeaders:
         """The outgoing request headers, without `host` (set per target by the exchange)."""
-        incoming: Sequence[tuple[bytes, bytes]] = scope.get("headers") or ()
-        named = _connection_tokens(incoming)
-        trusted = self._resolver.trusts_peer(scope)
+        # One pass over the incoming headers: this runs for every request.
         gateway_names = self._gateway_names
         out: RawHeaders = []
+        host = None
+        connection: list[bytes] | None = None
         prior_for: list[bytes] = []
         prior_via: list[bytes] = []
-        forwarded: dict[bytes, bytes] = {}
-        for name, value in incoming:
+        claimed: dict[bytes, bytes] | None = None  # forwarding headers, believed from a trusted peer only
+        for header in scope.get("headers") or ():
+            name = header[0]
             if name not in gateway_names:
-                if name not in named:
-                    out.append((name, value))
+                out.append(header)
+            elif name == b"host":
+                host = header[1]
+            elif name == b"connection":
+                connection = [header[1]] if connection is None else [*connection, header[1]]
             elif name == b"x-forwarded-for":
-                if trusted:
-                    prior_for.append(value)
+                prior_for.append(header[1])
             elif name == b"via":
-                prior_via.append(value)
-            elif trusted and name in _KEPT_FROM_TRUSTED:
-                forwarded.setdefault(name, value)
+                prior_via.append(header[1])
+            elif name in _KEPT_FROM_TRUSTED:
+                if claimed is None:
+                    claimed = {}
+                claimed.setdefault(name, header[1])
+        if connection is not None:  # rare: the headers it names are hop-by-hop too
+            named = _connection_tokens(connection)
+            out = [header for header in out if header[0] not in named]
+        trusted = (prior_for or claimed) and self._resolver.trusts_peer(scope)
+        forwarded = claimed if trusted and claimed else _NOTHING_CLAIMED
+        if not trusted:
+            prior_for = []
         client = scope.get("client")
         if client:
             prior_for.append(client[0].encode("latin-1"))
         if prior_for:
-            out.append((b"x-forwarded-for", b", ".join(prior_for)))
+            out.append((b"x-forwarded-for", b", ".join(prior_for) if len(prior_for) > 1 else prior_for[0]))
         if b"forwarded" in forwarded:
             out.append((b"forwarded", forwarded[b"forwarded"]))
         scheme: str = scope.get("scheme", "http")
-        out.append((b"x-forwarded-proto", forwarded.get(b"x-forwarded-proto") or scheme.encode()))
-        host = forwarded.get(b"x-forwarded-host") or get_header(incoming, b"host")
+        out.append(
+            (
+                b"x-forwarded-proto",
+                forwarded.get(b"x-forwarded-proto") or _SCHEMES.get(scheme) or scheme.encode(),
+            )
+        )
+        host = forwarded.get(b"x-forwarded-host") or host
         if host:
             out.append((b"x-forwarded-host", host))
         port = forwarded.get(b"x-forwarded-port")
@@ -347,8 +368,11 @@ class ReverseProxy:
             server = scope.get("server")
             port = str(server[1]).encode() if server and server[1] else _DEFAULT_PORTS.get(scheme, b"80")
         out.append((b"x-forwarded-port", port))
-        prior_via.append(self._via)
-        out.append((b"via", b", ".join(prior_via)))
+        if prior_via:
+            prior_via.append(self._via)
+            out.append((b"via", b", ".join(prior_via)))
+        else:
+            out.append(self._via_header)
         request_id = context.request_id
         if not request_id:
             request_id = context.request_id = os.urandom(16).hex()  # as unique as uuid4().hex, far cheaper
@@ -359,18 +383,26 @@ class ReverseProxy:
 
     def response_headers(self, upstream: RawHeaders) -> RawHeaders:
         """The upstream's response headers as sent to the client: hop-by-hop ones removed, `Via` appended."""
-        named = _connection_tokens(upstream)
         out: RawHeaders = []
-        prior_via: list[bytes] = []
-        for name, value in upstream:
-            if name in HOP_BY_HOP_HEADERS or name in named:
-                continue
-            if name == b"via":
-                prior_via.append(value)
-                continue
-            out.append((name, value))
-        prior_via.append(self._via)
-        out.append((b"via", b", ".join(prior_via)))
+        connection: list[bytes] | None = None
+        prior_via: list[bytes] | None = None
+        for header in upstream:
+            name = header[0]
+            if name in HOP_BY_HOP_HEADERS:
+                if name == b"connection":
+                    connection = [header[1]] if connection is None else [*connection, header[1]]
+            elif name == b"via":
+                prior_via = [header[1]] if prior_via is None else [*prior_via, header[1]]
+            else:
+                out.append(header)
+        if connection is not None:
+            named = _connection_tokens(connection)
+            out = [header for header in out if header[0] not in named]
+        if prior_via is None:
+            out.append(self._via_header)
+        else:
+            prior_via.append(self._via)
+            out.append((b"via", b", ".join(prior_via)))
         return out
 
 
@@ -414,12 +446,9 @@ class _Sweeper:
             self._handle = None
 
 
-def _connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(token.strip().lower() for token in value.split(b","))
-    return frozenset(tokens) if tokens else frozenset()
+def _connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
+    """The header names listed in `Connection` header values (RFC 9110 §7.6.1)."""
+    return frozenset(token.strip().lower() for value in values for token in value.split(b","))
 
 
 class _RequestBody:
@@ -435,16 +464,18 @@ class _RequestBody:
         self.consumed = False
         self._on_disconnect: Callable[[], None] = _nothing
 
-    async def prepare(self, headers: Sequence[tuple[bytes, bytes]], buffer_limit: int) -> bool:
-        """Decide how the body travels; False when the client went away while it was being buffered."""
+    def needs_buffer(self, headers: Sequence[tuple[bytes, bytes]], buffer_limit: int) -> bool:
+        """Decide how the body travels: True when it must be buffered (`buffer()`) to be replayable."""
         length_header = get_header(headers, b"content-length")
         chunked = get_header(headers, b"transfer-encoding") is not None
         length = int(length_header) if length_header and length_header.isdigit() else None
         if not chunked and (length_header is None or length == 0):
             self._empty = True
-            return True
-        if chunked or length is None or length > buffer_limit:
-            return True
+            return False
+        return not chunked and length is not None and length <= buffer_limit
+
+    async def buffer(self) -> bool:
+        """Read the whole body; False when the client went away meanwhile."""
         body = bytearray()
         while True:
             message = await self._receive()
@@ -562,7 +593,6 @@ class _Exchange(_Forwarding):
         "_done_sending",
         "_opening",
         "_selector",
-        "_started",
         "_target",
         "_task",
         "_watch_after",
@@ -584,7 +614,6 @@ class _Exchange(_Forwarding):
         self._selector = selector
         self._target = target
         self._body = _RequestBody(receive)
-        self._started = False
         self._disconnected = False
         self._task: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -605,7 +634,8 @@ class _Exchange(_Forwarding):
         retryable = policy.retry.attempts > 1 and (
             method in IDEMPOTENT_METHODS or get_header(headers, b"idempotency-key") is not None
         )
-        if not await self._body.prepare(headers, proxy._replay_limit if retryable else 0):
+        body = self._body
+        if body.needs_buffer(headers, proxy._replay_limit if retryable else 0) and not await body.buffer():
             self._context.record("proxy", "error", reason="client_disconnect", service=policy.service)
             return
         outgoing = proxy.request_headers(scope, self._context)
@@ -806,16 +836,16 @@ class _Exchange(_Forwarding):
                     "headers": self._proxy.response_headers(response.headers),
                 }
             )
-            self._started = True
             # One chunk of look-ahead, so the last chunk goes out with more_body=False in the same message.
-            pending: bytes | None = None
-            async for chunk in response.iter_raw():
+            read = response.read
+            pending = await read()
+            while pending:
+                chunk = await read()
                 if not chunk:
-                    continue
-                if pending is not None:
-                    await send({"type": "http.response.body", "body": pending, "more_body": True})
+                    break
+                await send({"type": "http.response.body", "body": pending, "more_body": True})
                 pending = chunk
-            message: Message = {"type": "http.response.body", "body": pending or b"", "more_body": False}
+            message: Message = {"type": "http.response.body", "body": pending, "more_body": False}
             self._done_sending = True
             await send(message)
         except UpstreamError as exc:

@@ -134,13 +134,15 @@ class Origin:
 
 
 class UpstreamResponse(Protocol):
-    """An upstream response whose head has arrived; the body is read with `iter_raw()`, exactly once."""
+    """An upstream response whose head has arrived; the body is read with `read()` until it returns b""."""
 
     status: int
     headers: RawHeaders  # lower-case names, in order, transfer coding already removed from the body
 
-    def iter_raw(self) -> AsyncIterator[bytes]:
-        """The body bytes as received (still content-encoded). Raises `UpstreamError` on failure."""
+    async def read(self) -> bytes:
+        """The next body bytes as received (still content-encoded), never empty before the end; b"" at the
+        end. Raises `UpstreamError` on failure. (A method, not an async generator: the event loop tracks
+        every async generator in a WeakSet, a cost per response.)"""
         ...
 
     async def aclose(self) -> None:
@@ -549,19 +551,16 @@ class _AiohttpResponse(_GatedResponse):
         self._response = response
         self._done = False
 
-    async def iter_raw(self) -> AsyncIterator[bytes]:
-        content = self._response.content
+    async def read(self) -> bytes:
         try:
-            while True:
-                chunk = await content.readany()
-                if not chunk:
-                    break
-                yield chunk
+            chunk = await self._response.content.readany()
         except _aiohttp_errors().base as exc:
             raise _aiohttp_error(exc) from exc
         except TimeoutError as exc:
             raise UpstreamTimeoutError("the upstream stopped sending", phase="read") from exc
-        self._done = True
+        if not chunk:
+            self._done = True
+        return chunk
 
     async def aclose(self) -> None:
         try:
@@ -737,20 +736,25 @@ class _AiohttpClient(_BaseClient["aiohttp.ClientSession", "aiohttp.ClientTimeout
 
 
 class _HttpxResponse(_GatedResponse):
-    __slots__ = ("_response",)
+    __slots__ = ("_chunks", "_response")
 
     def __init__(self, gate: ConnectionGate, key: str, response: "httpx.Response") -> None:
         super().__init__(gate, key, response.status_code, response.headers.raw)
         self._response = response
+        self._chunks: AsyncIterator[bytes] | None = None
 
-    async def iter_raw(self) -> AsyncIterator[bytes]:
+    async def read(self) -> bytes:
         import httpx
 
+        if self._chunks is None:
+            self._chunks = self._response.aiter_raw()
         try:
-            async for chunk in self._response.aiter_raw():
-                yield chunk
+            async for chunk in self._chunks:
+                if chunk:
+                    return chunk
         except httpx.TransportError as exc:
             raise _httpx_error(exc) from exc
+        return b""
 
     async def aclose(self) -> None:
         try:
