@@ -2,10 +2,11 @@
 path normalization), and the whole gateway built from a config dict behind real uvicorn, with its upstream
 and identity provider on loopback."""
 
+import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,3 +147,13 @@ def limited(url: str, limit: str, **sections: Any) -> dict[str, Any]:
         rate_limits={"policies": {"tight": {"limits": [limit], "key": "client"}}},
         **sections,
     )
+
+
+async def until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll what a real server exposes (no clock to inject there) until `condition` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
