@@ -3,7 +3,8 @@
 ```
 GatewayEdge            /healthz, /readyz, the admin prefix: answered here, before any policy layer
   build_stack(...)     the nexus middlewares chosen by the config (stack.py)
-    GatewayApp         lifespan (upstream client, health checks, registry refresh) and routing -> proxy
+    GatewayApp         lifespan (upstream client, health checks, registry refresh), routing -> proxy
+                       (http: forward, websocket: forward_websocket)
 ```
 
 `create_app(config)` builds it. Everything a request needs is computed when the config is loaded (routing
