@@ -34,6 +34,8 @@ class LocalForwarder:
         await bare_app(scope, receive, send)
         observer.attempt_finished(target, outcome="success", status=200, latency=0.001)
 
+    forward_websocket = forward  # the benchmark sends no websocket; this keeps it a whole `Forwarder`
+
     async def aclose(self) -> None:
         return None
 

@@ -258,7 +258,9 @@ class BearerGate:
     def _mode(self, scope: Scope) -> AuthMode:
         if self._routes is None:
             return self._default
-        found = self._routes.lookup(request_path(scope), scope.get("method"))
+        # A websocket handshake is a GET (RFC 6455 §4.1), as the router, RBAC and the limiters match it: a
+        # method-less lookup would take the first route on the path, perhaps a public POST-only one.
+        found = self._routes.lookup(request_path(scope), scope.get("method", "GET"))
         return self._default if found is None else found
 
     def _token(self, scope: Scope) -> bytes | None:

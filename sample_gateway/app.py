@@ -3,7 +3,8 @@
 ```
 GatewayEdge            /healthz, /readyz, the admin prefix: answered here, before any policy layer
   build_stack(...)     the nexus middlewares chosen by the config (stack.py)
-    GatewayApp         lifespan (upstream client, health checks, registry refresh) and routing -> proxy
+    GatewayApp         lifespan (upstream client, health checks, registry refresh), routing -> proxy
+                       (http: forward, websocket: forward_websocket)
 ```
 
 `create_app(config)` builds it. Everything a request needs is computed when the config is loaded (routing
@@ -71,9 +72,22 @@ def route_request(runtime: GatewayRuntime, scope: Scope, path: str) -> RouteMatc
 
 
 class Forwarder(Protocol):
-    """The data plane (`sample_gateway.proxy.ReverseProxy`)."""
+    """The data plane (`sample_gateway.proxy.ReverseProxy`): `forward` for http, `forward_websocket` for
+    websocket scopes, both with the same routing results."""
 
     async def forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        selector: TargetSelector,
+        policy: UpstreamPolicy,
+        path: str,
+        observer: AttemptObserver | None = None,
+    ) -> None: ...
+
+    async def forward_websocket(
         self,
         scope: Scope,
         receive: Receive,
@@ -109,7 +123,6 @@ DataPlaneFactory = Callable[[GatewayRuntime], tuple[Forwarder, UpstreamClient]]
 
 _NOT_FOUND = Problem(404, "No route matches this request.")
 _NOT_STARTED = Problem(503, "The gateway is starting.")
-_NO_WEBSOCKET = Problem(501, "The gateway does not proxy websockets yet.")
 
 
 class GatewayApp:
@@ -143,15 +156,15 @@ class GatewayApp:
         if isinstance(match, NoRoute):
             await _refuse(scope, send, match)
             return
-        if scope["type"] == "websocket":
-            await send_problem(scope, send, _NO_WEBSOCKET, layer="gateway")  # refused before accept
-            return
         forwarder = self._forwarder
-        if forwarder is None:
+        if forwarder is None:  # a websocket is refused before accept: a denial response or a close
             await send_problem(scope, send, _NOT_STARTED, headers=[(b"retry-after", b"1")], layer="gateway")
             return
         choice = match.choice
-        await forwarder.forward(
+        # The policy layers above have already decided on the handshake (auth, limits, breakers): only an
+        # admitted websocket reaches here, and the proxy accepts it once the upstream has accepted.
+        forward = forwarder.forward if scope["type"] == "http" else forwarder.forward_websocket
+        await forward(
             scope,
             receive,
             send,

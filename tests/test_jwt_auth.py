@@ -594,6 +594,18 @@ async def test_websocket_handshake_refused_before_accept(ec_key: ECKey, clock: M
     assert [m["type"] for m in accepted.messages] == ["websocket.accept", "websocket.close"]
 
 
+async def test_a_websocket_handshake_takes_the_mode_of_the_get_routes(
+    ec_key: ECKey, clock: ManualClock
+) -> None:
+    routes = [("/ws", ["POST"], "exempt"), ("/ws", ["GET"], "required")]
+    app = middleware(issuer_for(ec_key), clock, routes=routes, default="exempt")
+    refused = await run_asgi(app, make_scope("/ws", scope_type="websocket"))
+    assert refused.messages == [
+        {"type": "websocket.close", "code": 1008, "reason": "Authentication is required"}
+    ]
+    assert (await call(app, None, "/ws", method="POST")).status == 200  # the POST route stays exempt
+
+
 async def test_lifespan_passes_through(ec_key: ECKey, clock: ManualClock) -> None:
     seen: list[str] = []
 

@@ -3,6 +3,7 @@
 from collections.abc import AsyncIterator
 
 import pytest
+from joserfc.jwk import ECKey
 
 from sample_gateway.upstream_client import ClientKind, UpstreamClient, create_upstream_client
 
@@ -16,3 +17,8 @@ async def upstream_client(request: pytest.FixtureRequest) -> AsyncIterator[Upstr
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+def signing_key() -> ECKey:
+    return ECKey.generate_key("P-256", parameters={"kid": "ec-1"})

@@ -123,7 +123,7 @@ async def test_active_checks_mark_a_dead_target_and_readyz_follows() -> None:
             assert (await http.get("/readyz")).status_code == 200
 
 
-async def test_readyz_before_start_and_websocket_refused() -> None:
+async def test_readyz_and_websocket_before_start_are_refused() -> None:
     async with upstream("a") as (url_a, _):
         gateway = create_app(config([url_a]))
         async with httpx.AsyncClient(
@@ -134,9 +134,16 @@ async def test_readyz_before_start_and_websocket_refused() -> None:
         assert not_started.status_code == 503
         assert starting.status_code == 503 and starting.headers["retry-after"] == "1"
         websocket = await run_asgi(gateway, make_scope("/api/x", scope_type="websocket"))
+        denial = await run_asgi(
+            gateway,
+            make_scope("/api/x", scope_type="websocket", extensions={"websocket.http.response": {}}),
+        )
         assert websocket.messages == [
-            {"type": "websocket.close", "code": 1011, "reason": "The gateway does not proxy websockets yet."}
+            {"type": "websocket.close", "code": 1013, "reason": "The gateway is starting."}
         ]
+        assert denial.messages[0]["type"] == "websocket.http.response.start"
+        assert denial.messages[0]["status"] == 503
+        assert (b"retry-after", b"1") in denial.messages[0]["headers"]
 
 
 async def test_benchmark_factory_serves_through_the_default_stack() -> None:

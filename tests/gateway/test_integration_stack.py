@@ -2,11 +2,7 @@
 server and real Redis, each layer seen through what the client and the upstream receive."""
 
 import asyncio
-import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
@@ -14,69 +10,24 @@ import redis.asyncio
 from joserfc.jwk import ECKey
 
 from nexus_middleware import hash_api_key_secret
-from sample_gateway.app import create_app
-from sample_gateway.config import parse_config
-from tests.support.idp import AUDIENCE, ISSUER, JWKSApp, mint
-from tests.support.servers import serve
-from tests.support.upstream import UpstreamApp
+from tests.gateway.support import (
+    ADMIN,
+    API_KEY,
+    KEY_ID,
+    KEY_SECRET,
+    gateway,
+    identity_provider,
+    limited,
+    settings,
+    token,
+    upstream,
+)
 
 pytestmark = pytest.mark.e2e
-
-ADMIN_KEY = "stack-admin-key"
-ADMIN = {"x-admin-key": ADMIN_KEY}
-KEY_ID = "0123456789abcdef"
-KEY_SECRET = "s3cr3t-" + "k" * 36
-API_KEY = f"nx_{KEY_ID}_{KEY_SECRET}"
-
-
-def settings(upstream_url: str, *, routes: list[dict[str, Any]], **sections: Any) -> dict[str, Any]:
-    service: dict[str, Any] = {
-        "name": "echo",
-        "targets": [{"url": upstream_url, "id": "t0"}],
-        "health_check": {"enabled": False},
-        "outlier_detection": {"enabled": False},
-        "retry": {"attempts": 1},
-    }
-    service.update(sections.pop("service", {}))
-    return {
-        "services": [service],
-        "routes": [{**route, "service": "echo"} for route in routes],
-        "admin": {"api_keys": [ADMIN_KEY]},
-        **sections,
-    }
-
-
-@contextlib.asynccontextmanager
-async def gateway(data: dict[str, Any]) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(parse_config(data, environ={}))
-    async with serve(app, lifespan="on") as base, httpx.AsyncClient(base_url=base) as http:
-        yield http
-
-
-@contextlib.asynccontextmanager
-async def upstream() -> AsyncIterator[tuple[str, UpstreamApp]]:
-    app = UpstreamApp(name="echo")
-    async with serve(app) as url:
-        yield url, app
-
-
-@contextlib.asynccontextmanager
-async def identity_provider(key: ECKey) -> AsyncIterator[dict[str, Any]]:
-    async with serve(JWKSApp(keys=[key])) as url:
-        yield {"issuers": [{"issuer": ISSUER, "jwks_url": f"{url}/jwks", "audiences": [AUDIENCE]}]}
-
-
-def token(key: ECKey, **claims: Any) -> dict[str, str]:
-    return {"authorization": f"Bearer {mint(key, now=time.time(), **claims)}"}
 
 
 def upstream_headers(response: httpx.Response, name: str) -> list[str]:
     return [value for key, value in response.json()["headers"] if key.lower() == name]
-
-
-@pytest.fixture
-def signing_key() -> ECKey:
-    return ECKey.generate_key("P-256", parameters={"kid": "ec-1"})
 
 
 async def test_a_jwt_route_refuses_without_a_token_and_forwards_only_the_principals_identity(
@@ -136,15 +87,6 @@ async def test_rbac_refuses_a_principal_without_the_routes_role(signing_key: ECK
     assert role_less.status_code == other_role.status_code == 403
     assert role_less.headers["content-type"] == "application/problem+json"
     assert operator.status_code == 200 and len(app.received) == 1
-
-
-def limited(url: str, limit: str, **sections: Any) -> dict[str, Any]:
-    return settings(
-        url,
-        routes=[{"path": "/items/{id}", "rate_limits": ["tight"]}, {"path": "/free/*"}],
-        rate_limits={"policies": {"tight": {"limits": [limit], "key": "client"}}},
-        **sections,
-    )
 
 
 async def test_a_rate_limited_route_sends_ratelimit_headers_and_429_after_the_limit() -> None:

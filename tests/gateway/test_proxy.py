@@ -18,7 +18,7 @@ from nexus_middleware.types import Receive, Scope, Send
 from sample_gateway.contracts import RetryPolicy, Target, UpstreamPolicy
 from sample_gateway.proxy import ReverseProxy
 from sample_gateway.upstream_client import UpstreamClient
-from tests.gateway.support import FirstSelector, ListSelector, RecordingObserver, proxy_app
+from tests.gateway.support import FirstSelector, ListSelector, RecordingObserver, proxy_app, until
 from tests.support.servers import closing_server, free_port, serve
 from tests.support.upstream import UpstreamApp
 
@@ -289,12 +289,12 @@ async def test_client_disconnect_cancels_the_upstream_request(upstream_client: U
     async with upstreams("a") as [(app, url)], gateway(upstream_client, [target("a", url)]) as gw:
         client = gw.client
         request = asyncio.ensure_future(client.get(f"{gw.url}/delay?seconds=5"))
-        await _until(lambda: app.in_flight == 1)
+        await until(lambda: app.in_flight == 1)
         request.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await request
         began = time.monotonic()
-        await _until(lambda: app.cancelled == 1)
+        await until(lambda: app.cancelled == 1)
         assert time.monotonic() - began < 2
         # The slot went back: the next request through the same client is served.
         assert (await client.get(f"{gw.url}/after")).status_code == 200
@@ -310,16 +310,8 @@ async def test_client_disconnect_mid_response_stops_reading_the_upstream(
         async with client.stream("GET", f"{gw.url}/stream?chunks=200&size=10&delay=0.05") as response:
             async for _ in response.aiter_raw():
                 break
-        await _until(lambda: app.cancelled == 1)
+        await until(lambda: app.cancelled == 1)
         assert ("a", "cancelled", 200) in gw.observer.finished
-
-
-async def _until(condition: Any, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 # --- errors ---
@@ -353,7 +345,7 @@ async def test_pool_exhausted_is_503_with_retry_after(upstream_client: UpstreamC
         httpx.AsyncClient() as client,
     ):
         slow = asyncio.ensure_future(client.get(f"{gw.url}/delay?seconds=1"))
-        await _until(lambda: app.in_flight == 1)
+        await until(lambda: app.in_flight == 1)
         response = await client.get(f"{gw.url}/x")
         assert (await slow).status_code == 200
     assert response.status_code == 503

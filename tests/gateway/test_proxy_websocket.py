@@ -12,7 +12,7 @@ from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 from sample_gateway.contracts import RetryPolicy, Target, UpstreamPolicy
 from sample_gateway.proxy import ReverseProxy
 from sample_gateway.upstream_client import UpstreamClient
-from tests.gateway.support import FirstSelector, ListSelector, RecordingObserver
+from tests.gateway.support import FirstSelector, ListSelector, RecordingObserver, until
 from tests.support.servers import free_port, serve
 from tests.support.upstream import UpstreamApp
 
@@ -67,7 +67,7 @@ async def test_messages_are_relayed_both_ways(upstream_client: UpstreamClient) -
             assert await ws.receive_str(timeout=5) == "hello"
             await ws.send_bytes(b"\x00\x01binary")
             assert await ws.receive_bytes(timeout=5) == b"\x00\x01binary"
-        await _until(lambda: len(observer.finished) == 1)
+        await until(lambda: len(observer.finished) == 1)
     assert observer.started == ["a"]
     assert observer.finished == [("a", "success", 101)]
     assert decisions[-1].outcome == "forwarded"
@@ -134,15 +134,6 @@ async def test_forward_websocket_refuses_http_scopes(upstream_client: UpstreamCl
         )
 
 
-async def _until(condition: Any, within: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
 async def closing_ws_upstream(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] != "websocket":
         return
@@ -164,7 +155,7 @@ async def test_upstream_close_code_and_subprotocol_reach_the_client(upstream_cli
         closing = await ws.receive(timeout=5)
         assert closing.type == aiohttp.WSMsgType.CLOSE
         assert ws.close_code == 4001
-        await _until(lambda: len(observer.finished) == 1)
+        await until(lambda: len(observer.finished) == 1)
 
 
 async def test_client_close_closes_the_upstream_websocket(upstream_client: UpstreamClient) -> None:

@@ -21,6 +21,8 @@ class UpstreamApp:
     received: list[tuple[str, str]] = field(default_factory=list)  # (method, raw path) per request
     in_flight: int = 0
     cancelled: int = 0  # requests whose client went away before the handler finished
+    handshakes: list[dict[str, Any]] = field(default_factory=list)  # path, query, headers, subprotocols
+    websocket_closes: list[int | None] = field(default_factory=list)  # close code of each client-ended socket
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -118,11 +120,28 @@ class UpstreamApp:
             )
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Echoes messages; accepts the LAST subprotocol offered (a choice the client did not make first);
+        `/close/{code}` accepts, says `bye` and closes with that code."""
+        path = scope["path"]
+        offered = list(scope.get("subprotocols") or ())
+        self.handshakes.append(
+            {
+                "path": path,
+                "query_string": scope.get("query_string", b"").decode("latin-1"),
+                "headers": [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
+                "subprotocols": offered,
+            }
+        )
         await receive()
-        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.accept", "subprotocol": offered[-1] if offered else None})
+        if path.startswith("/close/"):
+            await send({"type": "websocket.send", "text": "bye"})
+            await send({"type": "websocket.close", "code": int(path.rsplit("/", 1)[1])})
+            return
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
+                self.websocket_closes.append(message.get("code"))
                 return
             await send({"type": "websocket.send", "text": message.get("text"), "bytes": message.get("bytes")})
 
