@@ -93,7 +93,9 @@ _UNSAFE_PATH_BYTES = re.compile(rb"[?#\\]")
 _SAFE_QUERY = re.compile(rb"[\x21-\x7e]*")
 _UNSAFE_QUERY_BYTES = re.compile(rb"[#\\]")
 _DEFAULT_PORTS = {"http": b"80", "https": b"443", "ws": b"80", "wss": b"443"}
-_SCHEMES = {"http": b"http", "https": b"https", "ws": b"ws", "wss": b"wss"}
+# X-Forwarded-Proto names the HTTP scheme, also for a websocket handshake (as nginx and Envoy send it;
+# uvicorn's proxy-headers handling maps it back to ws/wss).
+_FORWARDED_PROTOS = {"http": b"http", "https": b"https", "ws": b"http", "wss": b"https"}
 _NOTHING_CLAIMED: Mapping[bytes, bytes] = MappingProxyType({})
 _MAX_CACHED = 1024
 _ONE_TOKEN = 1 - 1e-9  # ten deposits of 0.1 make one retry, whatever the float rounding
@@ -357,7 +359,7 @@ class ReverseProxy:
         out.append(
             (
                 b"x-forwarded-proto",
-                forwarded.get(b"x-forwarded-proto") or _SCHEMES.get(scheme) or scheme.encode(),
+                forwarded.get(b"x-forwarded-proto") or _FORWARDED_PROTOS.get(scheme) or scheme.encode(),
             )
         )
         host = forwarded.get(b"x-forwarded-host") or host

@@ -81,6 +81,7 @@ async def test_messages_subprotocol_query_and_forwarding_headers_reach_the_other
     assert handshake["query_string"] == "room=7&x=%20y"
     assert handshake["subprotocols"] == ["chat.v1", "chat.v2"]
     assert handshake_headers(app, 0, "x-forwarded-for") == ["127.0.0.1"]
+    assert handshake_headers(app, 0, "x-forwarded-proto") == ["http"]  # the HTTP scheme, as nginx sends it
     assert handshake_headers(app, 0, "x-request-id") == [request_id]
     assert handshake_headers(app, 0, "via") == ["1.1 nexus"]
     assert len(handshake_headers(app, 0, "sec-websocket-key")) == 1  # the upstream handshake's own
