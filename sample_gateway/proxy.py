@@ -32,7 +32,6 @@ from sample_gateway.contracts import (
 )
 from sample_gateway.upstream_client import (
     ConnectionGate,
-    GateSlot,
     Origin,
     UpstreamClient,
     UpstreamConnectError,
@@ -556,7 +555,7 @@ class _Forwarding:
 
     def _host_header(self, origin: Origin) -> bytes:
         host = get_header(self._scope.get("headers") or (), b"host") if self._policy.preserve_host else None
-        return host or origin.netloc.encode("ascii")
+        return host or origin.host_header
 
     def _observe(self, target: Target, outcome: AttemptOutcome, status: int | None, began: float) -> None:
         if self._observer is not None:
@@ -623,11 +622,7 @@ class _Exchange(_Forwarding):
         self._done_sending = False
         self._opening = False
         self._deadline_hit = False
-        deadline = self._context.deadline
-        if policy.total_timeout is not None:
-            own = proxy._clock.monotonic() + policy.total_timeout
-            deadline = own if deadline is None else min(deadline, own)
-        self._deadline = deadline
+        self._deadline: float | None = None
 
     async def run(self) -> None:
         proxy, scope, policy = self._proxy, self._scope, self._policy
@@ -643,11 +638,17 @@ class _Exchange(_Forwarding):
         outgoing = proxy.request_headers(scope, self._context)
         budget = proxy._budget(policy.service, policy.retry)
         budget.deposit()
+        now = proxy._clock.monotonic()
+        deadline = self._context.deadline
+        if policy.total_timeout is not None:
+            own = now + policy.total_timeout
+            deadline = own if deadline is None else min(deadline, own)
+        self._deadline = deadline
+        self._watch_after = now + DISCONNECT_WATCH_DELAY
         # The exchange runs in the request's own task (a child task would cost two more loop iterations per
         # request); a client disconnect cancels that task, and only a cancel of our own is absorbed here.
         self._task = asyncio.current_task()
-        self._body.watch(self._client_gone)
-        self._watch_after = proxy._clock.monotonic() + DISCONNECT_WATCH_DELAY
+        body.watch(self._client_gone)
         sweeper = proxy._sweeper
         sweeper.add(self)
         try:
@@ -797,7 +798,7 @@ class _Exchange(_Forwarding):
             raise
         finally:
             self._opening = False
-        return _Attempt(response, GateSlot(gate, service), clock.monotonic() - began)
+        return _Attempt(response, gate, service, clock.monotonic() - began)
 
     def _deadline_passed(self) -> None:
         # The request's own task is cancelled, as asyncio.timeout would, but only while an attempt waits for
@@ -912,12 +913,21 @@ def _outcome_of(error: UpstreamError) -> AttemptOutcome:
 class _Attempt:
     """An attempt whose response head arrived: the response, and the service gate slot it holds."""
 
-    __slots__ = ("latency", "release", "response")
+    __slots__ = ("_gate", "_service", "latency", "response")
 
-    def __init__(self, response: UpstreamResponse, slot: GateSlot, latency: float) -> None:
+    def __init__(
+        self, response: UpstreamResponse, gate: ConnectionGate, service: str, latency: float
+    ) -> None:
         self.response = response
-        self.release = slot.release
+        self._gate: ConnectionGate | None = gate
+        self._service = service
         self.latency = latency
+
+    def release(self) -> None:
+        """Give the gate slot back, once however often called."""
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.release(self._service)
 
 
 # Close codes that describe a connection, never sent in a close frame (RFC 6455 §7.4.1).

@@ -126,11 +126,16 @@ class Origin:
         return cls(scheme, hostname, port or (443 if scheme == "https" else 80))
 
     netloc: str = field(init=False, repr=False, compare=False)  # host[:port], as in a Host header
+    host_header: bytes = field(init=False, repr=False, compare=False)  # netloc, encoded once
+    base: str = field(init=False, repr=False, compare=False)  # scheme://netloc, for request URLs
 
     def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
         default = 443 if self.scheme == "https" else 80
-        object.__setattr__(self, "netloc", host if self.port == default else f"{host}:{self.port}")
+        netloc = host if self.port == default else f"{host}:{self.port}"
+        object.__setattr__(self, "netloc", netloc)
+        object.__setattr__(self, "host_header", netloc.encode("ascii"))
+        object.__setattr__(self, "base", f"{self.scheme}://{netloc}")
 
 
 class UpstreamResponse(Protocol):
@@ -703,15 +708,8 @@ class _AiohttpClient(_BaseClient["aiohttp.ClientSession", "aiohttp.ClientTimeout
         body: _Body,
         timeout: "aiohttp.ClientTimeout",
     ) -> Awaitable["aiohttp.ClientResponse"]:
-        path, _, query = target.partition("?")
-        url = _yarl_url().build(
-            scheme=origin.scheme,
-            host=origin.host,
-            port=origin.port,
-            path=path,
-            query_string=query,
-            encoded=True,
-        )
+        # encoded=True: the proxy checked the target is printable ASCII, and it must reach the upstream as is.
+        url = _yarl_url()(origin.base + target, encoded=True)
         return self._get_pool().request(
             method,
             url,
