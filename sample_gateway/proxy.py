@@ -157,6 +157,9 @@ class ReverseProxy:
     - `request_id_header`: carries `get_context(scope).request_id` upstream (generated when absent).
     - `header_hooks`: called in order with the scope and the outgoing request headers, after hop-by-hop
       stripping and the gateway's own headers; each returns the list to send (identity, `traceparent`).
+    - `server_set_headers`: response headers the ASGI server in front sets on every response itself (uvicorn
+      and hypercorn add `Date` and `Server`); the upstream's are dropped so the client gets one of each,
+      as nginx does. Pass `()` behind a server that adds neither.
     - `replay_buffer_limit`: largest request body buffered so a retryable request can be replayed.
     - `retry_after`: seconds in `Retry-After` on the 503s for no target and pool exhaustion.
     - `random`, `sleep`: the jitter source and the backoff sleep, injectable so tests never wait.
@@ -171,6 +174,7 @@ class ReverseProxy:
         via: str = "1.1 nexus",
         request_id_header: str = "x-request-id",
         header_hooks: Sequence[HeaderHook] = (),
+        server_set_headers: Sequence[str] = ("date", "server"),
         replay_buffer_limit: int = REPLAY_BUFFER_LIMIT,
         retry_after: int = 1,
         random: Callable[[], float] = random.random,
@@ -189,6 +193,9 @@ class ReverseProxy:
         self._via_header = (b"via", self._via)
         self._request_id_header = _validate_header_name(request_id_header, "request_id_header")
         self._hooks = tuple(header_hooks)
+        self._dropped_response_names = HOP_BY_HOP_HEADERS | {
+            _validate_header_name(name, "server_set_headers") for name in server_set_headers
+        }
         self._replay_limit = replay_buffer_limit
         self._retry_after = ((b"retry-after", str(retry_after).encode()),)
         self._random = random
@@ -383,13 +390,14 @@ class ReverseProxy:
         return out
 
     def response_headers(self, upstream: RawHeaders) -> RawHeaders:
-        """The upstream's response headers as sent to the client: hop-by-hop ones removed, `Via` appended."""
+        """The upstream's response headers as sent to the client: hop-by-hop ones and `server_set_headers`
+        removed, `Via` appended."""
         out: RawHeaders = []
         connection: list[bytes] | None = None
         prior_via: list[bytes] | None = None
         for header in upstream:
             name = header[0]
-            if name in HOP_BY_HOP_HEADERS:
+            if name in self._dropped_response_names:
                 if name == b"connection":
                     connection = [header[1]] if connection is None else [*connection, header[1]]
             elif name == b"via":

@@ -252,6 +252,24 @@ async def test_response_hop_by_hop_headers_are_stripped(upstream_client: Upstrea
         assert name not in response.headers, name
 
 
+async def test_date_and_server_come_once_from_the_server_in_front(upstream_client: UpstreamClient) -> None:
+    # uvicorn sets Date and Server on every response, the upstream (uvicorn too) sent its own: one of each.
+    async with upstreams("a") as [(_, url)], gateway(upstream_client, [target("a", url)]) as gw:
+        response = await gw.client.get(f"{gw.url}/h")
+    assert response.status_code == 200
+    assert len(response.headers.get_list("date")) == 1
+    assert response.headers.get_list("server") == ["uvicorn"]
+
+
+async def test_server_set_headers_can_pass_the_upstreams(upstream_client: UpstreamClient) -> None:
+    async with (
+        upstreams("a") as [(_, url)],
+        gateway(upstream_client, [target("a", url)], server_set_headers=()) as gw,
+    ):
+        response = await gw.client.get(f"{gw.url}/h")
+    assert response.headers.get_list("server") == ["uvicorn", "uvicorn"]  # the upstream's, then uvicorn's
+
+
 # --- streaming ---
 
 

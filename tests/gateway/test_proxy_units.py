@@ -88,6 +88,7 @@ async def test_clients_do_no_io_until_used_and_close_cleanly() -> None:
         {"via": "1.1 x\r\n"},
         {"request_id_header": "x id"},
         {"replay_buffer_limit": -1},
+        {"server_set_headers": ["bad name"]},
         {"retry_after": -1},
     ],
 )
