@@ -12,9 +12,14 @@ like with like on this (shared, noisy) machine:
 
     python -m benchmarks.load.run                       # 64 connections, 10 s per row
     python -m benchmarks.load.run --quick               # a few seconds: what CI runs so it cannot rot
-    python -m benchmarks.load.run --gateway-app sample_gateway.app:bench_app
+    python -m benchmarks.load.run --gateway-app sample_gateway.app:bench_app --rounds 3
+    python -m benchmarks.load.run --loop uvloop --http httptools   # uvicorn's compiled event loop and parser
 
-It reports figures; it never asserts them.
+Every server starts once; with `--rounds N` the rows are measured N times in turn and each figure is the
+median of its rounds, so a burst of load from elsewhere on the machine hits one round of every row rather
+than all rounds of one. Next to requests/s it reports the CPU time each server process spent per request
+(utime + stime from /proc, Linux only): on a saturated machine throughput is its inverse, and it moves far
+less between runs than requests/s. It reports figures; it never asserts them.
 """
 
 import argparse
@@ -25,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -49,6 +55,23 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+    cpu_us_per_request: float  # nan where /proc is missing, and for the upstream row's shared server
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    pid: int
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (nan elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -58,7 +81,7 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _server(factory: str, upstream: str | None) -> Iterator[str]:
+def _server(factory: str, upstream: str | None, uvicorn_options: list[str]) -> Iterator[Server]:
     port = _free_port()
     env = dict(os.environ)
     if upstream is not None:
@@ -78,6 +101,7 @@ def _server(factory: str, upstream: str | None) -> Iterator[str]:
             "warning",
             "--no-access-log",
             "--no-proxy-headers",
+            *uvicorn_options,
         ],
         env=env,
     )
@@ -96,7 +120,7 @@ def _server(factory: str, upstream: str | None) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{factory} did not answer within 30 s")
             time.sleep(0.1)  # a script's setup loop, not request-path code
-        yield url
+        yield Server(url, process.pid)
     finally:
         process.terminate()
         try:
@@ -167,8 +191,9 @@ def _table(results: list[Result]) -> str:
     upstream = next((r for r in results if r.row.library is None), None)
     minimal = {r.row.library: r for r in results if r.row.label.startswith("(b)")}
     lines = [
-        "| row | requests/s | p50 ms | p99 ms | errors | vs upstream | vs minimal proxy, same client |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| row | requests/s | p50 ms | p99 ms | errors | vs upstream | vs minimal proxy, same client "
+        "| CPU µs/request | minimal's CPU/request over this row's |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results:
         vs_upstream = (
@@ -180,11 +205,27 @@ def _table(results: list[Result]) -> str:
             if base is not None and not result.row.label.startswith(("(a)", "(b)"))
             else ""
         )
+        cpu = result.cpu_us_per_request
+        cpu_base = base.cpu_us_per_request if base is not None else float("nan")
+        cpu_ratio = f"{cpu_base / cpu:.2f}" if vs_minimal and cpu_base == cpu_base and cpu == cpu else ""
         lines.append(
             f"| {result.row.label} | {result.requests_per_second:,.0f} | {result.p50_ms:.2f} | "
-            f"{result.p99_ms:.2f} | {result.errors} | {vs_upstream} | {vs_minimal} |"
+            f"{result.p99_ms:.2f} | {result.errors} | {vs_upstream} | {vs_minimal} | "
+            f"{'' if cpu != cpu else f'{cpu:,.0f}'} | {cpu_ratio} |"
         )
     return "\n".join(lines)
+
+
+def _median(row: Row, results: list[Result]) -> Result:
+    middle = statistics.median
+    return Result(
+        row,
+        middle([r.requests_per_second for r in results]),
+        middle([r.p50_ms for r in results]),
+        middle([r.p99_ms for r in results]),
+        sum(r.errors for r in results),
+        middle([r.cpu_us_per_request for r in results]),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,47 +238,64 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--gateway-app", help="module:factory of the gateway app for row (d)")
+    parser.add_argument("--rounds", type=int, default=1, help="measure every row this many times, in turn")
+    parser.add_argument(
+        "--loop", choices=["auto", "asyncio", "uvloop"], default="auto", help="uvicorn --loop"
+    )
+    parser.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto", help="uvicorn --http")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup, args.connections = 1.0, 0.5, 16
-    if not 0 < args.duration <= 120 or not 0 < args.connections <= 1024:
-        parser.error("duration must be in (0, 120] seconds and connections in (0, 1024]")
+    if not 0 < args.duration <= 120 or not 0 < args.connections <= 1024 or not 0 < args.rounds <= 20:
+        parser.error("duration must be in (0, 120] s, connections in (0, 1024] and rounds in (0, 20]")
     generator = args.generator
     if generator == "auto":
         generator = "wrk" if shutil.which("wrk") else "python"
+    uvicorn_options = ["--loop", args.loop, "--http", args.http]
     print(
         f"# load: {generator}, {args.connections} connections, {args.duration:g} s per row "
-        f"(+{args.warmup:g} s warm-up), python {sys.version.split()[0]}",
+        f"(+{args.warmup:g} s warm-up), {args.rounds} round(s), python {sys.version.split()[0]}, "
+        f"uvicorn --loop {args.loop} --http {args.http}",
         flush=True,
     )
-    results: list[Result] = []
-    with _server(f"{APPS}:upstream", None) as upstream_url:
-        for row in _rows(args.quick, args.gateway_app):
-            context = (
-                contextlib.nullcontext(upstream_url)
-                if row.library is None
-                else _server(row.factory, upstream_url)
-            )
-            with context as url:
-                target = url + "/api/items/42"
+    rows = _rows(args.quick, args.gateway_app)
+    measured: dict[Row, list[Result]] = {row: [] for row in rows}
+    with contextlib.ExitStack() as stack:
+        upstream = stack.enter_context(_server(f"{APPS}:upstream", None, uvicorn_options))
+        servers = {
+            row: upstream
+            if row.library is None
+            else stack.enter_context(_server(row.factory, upstream.url, uvicorn_options))
+            for row in rows
+        }
+        for round_number in range(1, args.rounds + 1):
+            for row in rows:
+                server = servers[row]
+                target = server.url + "/api/items/42"
                 if args.warmup > 0:
                     _load(target, connections=args.connections, duration=args.warmup, generator=generator)
+                cpu_before = _cpu_seconds(server.pid)
                 figures = _load(
                     target, connections=args.connections, duration=args.duration, generator=generator
                 )
-            result = Result(
-                row,
-                figures["requests_per_second"],
-                figures["p50_ms"],
-                figures["p99_ms"],
-                int(figures.get("errors", 0)),
-            )
-            results.append(result)
-            print(
-                f"{row.label:<36} {result.requests_per_second:9,.0f} req/s   p50 {result.p50_ms:7.2f} ms   "
-                f"p99 {result.p99_ms:7.2f} ms   errors {result.errors}",
-                flush=True,
-            )
+                cpu = _cpu_seconds(server.pid) - cpu_before
+                served = figures["requests_per_second"] * args.duration
+                result = Result(
+                    row,
+                    figures["requests_per_second"],
+                    figures["p50_ms"],
+                    figures["p99_ms"],
+                    int(figures.get("errors", 0)),
+                    cpu / served * 1e6 if served > 0 and row.library is not None else float("nan"),
+                )
+                measured[row].append(result)
+                print(
+                    f"round {round_number}  {row.label:<36} {result.requests_per_second:9,.0f} req/s   "
+                    f"p50 {result.p50_ms:7.2f} ms   p99 {result.p99_ms:7.2f} ms   errors {result.errors}   "
+                    f"CPU {result.cpu_us_per_request:6.0f} µs/request",
+                    flush=True,
+                )
+    results = [_median(row, measured[row]) for row in rows]
     print()
     print(_table(results))
     return 0
