@@ -7,8 +7,8 @@ Starlette background tasks and log records all see it. A valid W3C `traceparent`
 """
 
 import logging
+import os
 import re
-import uuid
 from collections.abc import Callable
 from typing import Literal
 
@@ -30,8 +30,10 @@ _ZERO_PARENT = b"0" * 16
 OnInvalid = Literal["replace", "reject"]
 
 
-def _uuid4_hex() -> str:
-    return uuid.uuid4().hex
+def _random_hex() -> str:
+    # 128 random bits as 32 lower-case hex digits, the shape of uuid4().hex at a fifth of its cost (no UUID
+    # object): this runs on every request.
+    return os.urandom(16).hex()
 
 
 def parse_traceparent(value: bytes) -> str | None:
@@ -58,7 +60,7 @@ class RequestIDMiddleware:
         header_name: str = "X-Request-ID",
         max_length: int = 128,
         charset: str = DEFAULT_CHARSET,
-        generator: Callable[[], str] = _uuid4_hex,
+        generator: Callable[[], str] = _random_hex,
         on_invalid: OnInvalid = "replace",
         trust_incoming: bool = True,
         echo: bool = True,

@@ -68,11 +68,12 @@ async def test_incoming_id_policy(
     assert current_request_id() is None  # reset after the request
 
 
-async def test_default_generator_is_uuid4_hex() -> None:
+async def test_default_generator_is_32_random_hex_digits() -> None:
     recorded = await run_asgi(RequestIDMiddleware(ok_app), make_scope())
     generated = recorded.header("x-request-id") or ""
     assert len(generated) == 32
     assert int(generated, 16) >= 0
+    assert generated == generated.lower()
     other = await run_asgi(RequestIDMiddleware(ok_app), make_scope())
     assert other.header("x-request-id") != generated
 
