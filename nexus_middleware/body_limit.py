@@ -22,6 +22,12 @@ RouteLimits = Mapping[str, int | None] | Sequence[tuple[str, Iterable[str] | Non
 
 _LAYER = "body_limit"
 _CONTENT_LENGTH = b"content-length"
+_TRANSFER_ENCODING = b"transfer-encoding"
+# The methods the bodiless fast path trusts HTTP/1 framing for: a body on them has no defined meaning
+# (RFC 9110 §9.3.1, §9.3.2). Other methods keep the counting receive even without framing headers, as a
+# margin against a server that delivers a body anyway.
+_BODILESS = frozenset({"GET", "HEAD"})
+_HTTP1 = frozenset({"1.0", "1.1"})
 
 Reason = Literal["body_too_large", "headers_too_large", "too_many_headers", "url_too_long", "invalid_request"]
 
@@ -73,12 +79,15 @@ class BodySizeLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
-        if scope_type != "http":
-            if scope_type == "websocket" and not await self._within_head_limits(scope, send):
-                return
+        if scope_type != "http" and scope_type != "websocket":
             await self.app(scope, receive, send)
             return
-        if not await self._within_head_limits(scope, send):
+        refusal = self._head_refusal(scope)
+        if refusal is not None:
+            await self._refuse(scope, send, *refusal)
+            return
+        if scope_type == "websocket":
+            await self.app(scope, receive, send)
             return
 
         limit = self._max_body
@@ -96,7 +105,7 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        declared = _declared_length(scope["headers"])
+        declared, chunked = _body_framing(scope["headers"])
         if declared == -1:
             await self._refuse(scope, send, 400, "invalid_request", "The Content-Length header is invalid.")
             return
@@ -110,40 +119,33 @@ class BodySizeLimitMiddleware:
             # body longer than declared), so there is nothing left to count.
             await self.app(scope, receive, send)
             return
+        if not chunked and scope["method"] in _BODILESS and scope.get("http_version") in _HTTP1:
+            # The common GET: an HTTP/1 request with neither Content-Length nor Transfer-Encoding has no
+            # body (RFC 9112 §6.3), so there is nothing to count and no receive or send wrapper to pay for.
+            await self.app(scope, receive, send)
+            return
         await _LimitedBody(self, scope, receive, send, limit).run()
 
-    async def _within_head_limits(self, scope: Scope, send: Send) -> bool:
+    def _head_refusal(self, scope: Scope) -> tuple[int, Reason, str] | None:
+        # Plain code, not a coroutine: it runs on every request and almost always finds nothing to refuse.
         if self._max_url is not None:
             query = scope.get("query_string") or b""
             raw_path = scope.get("raw_path") or scope["path"].encode("utf-8")
             length = len(raw_path) + (len(query) + 1 if query else 0)
             if length > self._max_url:
-                await self._refuse(
-                    scope, send, 414, "url_too_long", f"The URL is longer than {self._max_url} bytes."
-                )
-                return False
+                return 414, "url_too_long", f"The URL is longer than {self._max_url} bytes."
         headers = scope["headers"]
         if self._max_header_count is not None and len(headers) > self._max_header_count:
-            await self._refuse(
-                scope,
-                send,
-                431,
-                "too_many_headers",
-                f"The request has more than {self._max_header_count} headers.",
-            )
-            return False
+            return 431, "too_many_headers", f"The request has more than {self._max_header_count} headers."
         if self._max_header_bytes is not None:
             size = sum(map(len, chain.from_iterable(headers)))
             if size > self._max_header_bytes:
-                await self._refuse(
-                    scope,
-                    send,
+                return (
                     431,
                     "headers_too_large",
                     f"The request headers are larger than {self._max_header_bytes} bytes.",
                 )
-                return False
-        return True
+        return None
 
     async def _refuse(
         self, scope: Scope, send: Send, status: int, reason: Reason, detail: str, **details: Any
@@ -156,21 +158,24 @@ def _too_large(limit: int) -> str:
     return f"The request body is larger than {limit} bytes."
 
 
-def _declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
-    """The declared Content-Length, None when absent, -1 when invalid (RFC 9110 §8.6: digits only, and
-    repeated values must agree)."""
+def _body_framing(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int | None, bool]:
+    """The declared Content-Length (None when absent, -1 when invalid: RFC 9110 §8.6 wants digits only, and
+    repeated values must agree), and whether a Transfer-Encoding header is present."""
     declared: bytes | None = None
+    chunked = False
     for name, value in headers:
         if name == _CONTENT_LENGTH:
             value = value.strip()
             if declared is not None and value != declared:
-                return -1
+                return -1, chunked
             declared = value
+        elif name == _TRANSFER_ENCODING:
+            chunked = True
     if declared is None:
-        return None
+        return None, chunked
     if not declared.isdigit() or not declared.isascii():
-        return -1
-    return int(declared)
+        return -1, chunked
+    return int(declared), chunked
 
 
 class _LimitedBody:

@@ -109,6 +109,48 @@ async def test_streamed_body_is_counted_and_cut(
         assert decision.details["limit"] == 10
 
 
+@pytest.mark.parametrize(
+    ("method", "headers", "http_version"),
+    [
+        ("GET", [("transfer-encoding", "chunked")], "1.1"),  # framed by chunks: counted
+        ("GET", [], "2"),  # HTTP/2 needs no framing header for a body
+        ("POST", [], "1.1"),  # only GET and HEAD are trusted to be bodiless without framing
+    ],
+)
+async def test_bodies_that_may_exist_are_still_counted(
+    method: str, headers: list[tuple[str, str]], http_version: str
+) -> None:
+    app = EchoApp()
+    scope = make_scope("/upload", method=method, headers=headers)
+    scope["http_version"] = http_version
+    recorded = await run_asgi(BodySizeLimitMiddleware(app, max_body_size=4), scope, body=[b"abc", b"de"])
+    assert recorded.status == 413
+    assert app.chunks == [b"abc"]
+
+
+@pytest.mark.parametrize(("method", "http_version"), [("GET", "1.1"), ("HEAD", "1.1"), ("GET", "1.0")])
+async def test_an_unframed_http1_get_keeps_the_server_callables(method: str, http_version: str) -> None:
+    seen: list[tuple[Receive, Send]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append((receive, send))
+        await ok_app(scope, receive, send)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = make_scope(method=method)
+    scope["http_version"] = http_version
+    await BodySizeLimitMiddleware(app, max_body_size=4)(scope, receive, send)
+    assert seen == [(receive, send)]  # no body can arrive (RFC 9112 §6.3): nothing to wrap
+    assert sent[0]["status"] == 200
+
+
 async def test_app_that_catches_the_cut_cannot_send_its_own_response() -> None:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         try:
