@@ -130,6 +130,13 @@ _current: ContextVar[RequestContext | None] = ContextVar("nexus_request_context"
 
 def get_context(scope: Scope) -> RequestContext:
     """The request's context, created on first use. Every nexus layer calls this, in any order."""
+    # Called several times per request by every layer: the found case is two subscripts, no method calls.
+    try:
+        context: RequestContext | None = scope["state"][STATE_KEY]
+    except (KeyError, TypeError):  # no state yet, or a server that set it to None
+        context = None
+    if context is not None:
+        return context
     state = scope.get("state")
     if state is None:
         state = scope["state"] = {}
