@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from typing import Literal
 
-from nexus_middleware.context import bind_context, current_context, get_context
+from nexus_middleware.context import Decision, bind_context, current_context, get_context
 from nexus_middleware.errors import ConfigurationError
 from nexus_middleware.headers import contains_ctl, is_header_name
 from nexus_middleware.problem import Problem, send_problem
@@ -28,6 +28,10 @@ _ZERO_TRACE = b"0" * 32
 _ZERO_PARENT = b"0" * 16
 
 OnInvalid = Literal["replace", "reject"]
+
+# What `context.record("request_id", outcome)` would build, built once: a Decision is immutable, and a frozen
+# dataclass costs more to construct than the rest of this layer's bookkeeping.
+_DECISIONS = {outcome: Decision("request_id", outcome) for outcome in ("accepted", "generated", "replaced")}
 
 
 def _random_hex() -> str:
@@ -130,7 +134,7 @@ class RequestIDMiddleware:
             request_id = self._generate()
             outcome = "replaced"
         context.request_id = request_id
-        context.record("request_id", outcome)
+        context.decisions.append(_DECISIONS[outcome])
 
         if self._echo:
             send = self._echoing_send(send, request_id.encode("latin-1"))
