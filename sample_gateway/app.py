@@ -141,13 +141,13 @@ class GatewayApp:
         return f"GatewayApp({self.runtime!r})"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
+        scope_type = scope["type"]
+        if scope_type == "lifespan":
             await self._lifespan(receive, send)
             return
-        if scope["type"] not in ("http", "websocket"):
+        if scope_type != "http" and scope_type != "websocket":
             return
-        context = get_context(scope)
-        match = context.extras.get(MATCH_EXTRA)
+        match = get_context(scope).extras.get(MATCH_EXTRA)
         if match is None:  # served without the edge (tests, embedding): route here
             path = await _path_or_refuse(scope, send)
             if path is None:
@@ -163,7 +163,7 @@ class GatewayApp:
         choice = match.choice
         # The policy layers above have already decided on the handshake (auth, limits, breakers): only an
         # admitted websocket reaches here, and the proxy accepts it once the upstream has accepted.
-        forward = forwarder.forward if scope["type"] == "http" else forwarder.forward_websocket
+        forward = forwarder.forward if scope_type == "http" else forwarder.forward_websocket
         await forward(
             scope,
             receive,
@@ -282,13 +282,16 @@ class GatewayEdge:
         return f"GatewayEdge(admin_prefix={self._admin_prefix!r})"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" and scope["type"] != "websocket":
+        scope_type = scope["type"]
+        if scope_type != "http" and scope_type != "websocket":
             await self.app(scope, receive, send)  # lifespan reaches GatewayApp through the stack
             return
-        path = await _path_or_refuse(scope, send)
-        if path is None:
+        try:  # inline rather than _path_or_refuse: no coroutine to create on every request
+            path = request_path(scope)
+        except InvalidPathError:
+            await send_problem(scope, send, INVALID_PATH, layer="gateway")
             return
-        if scope["type"] == "http":
+        if scope_type == "http":
             if path == "/healthz":
                 for message in _json_response(200, {"status": "ok"}):
                     await send(message)
@@ -305,7 +308,7 @@ class GatewayEdge:
             await self._admin(scope, receive, send)
             return
         metrics = self.runtime.metrics_endpoint
-        if metrics is not None and path == self.runtime.config.metrics.path and scope["type"] == "http":
+        if metrics is not None and path == self.runtime.config.metrics.path and scope_type == "http":
             await metrics(scope, receive, send)
             return
         route_request(self.runtime, scope, path)
