@@ -102,6 +102,7 @@ class SecurityHeadersMiddleware:
         self.headers: tuple[tuple[bytes, bytes], ...] = tuple(
             (name.encode("ascii"), value.encode("ascii")) for name, value in chosen.items()
         )
+        self._names = frozenset(name for name, _ in self.headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Websocket handshakes pass untouched: these headers govern how a browser treats a loaded document
@@ -110,12 +111,16 @@ class SecurityHeadersMiddleware:
             await self.app(scope, receive, send)
             return
         ours = self.headers
+        names = self._names
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers") or ())
                 present = {name.lower() for name, _ in headers}
-                headers.extend(header for header in ours if header[0] not in present)
+                if present.isdisjoint(names):  # the usual case: the app set none of ours, no filtering
+                    headers.extend(ours)
+                else:
+                    headers.extend(header for header in ours if header[0] not in present)
                 message["headers"] = headers
             await send(message)
 
