@@ -78,7 +78,8 @@ class IdentityHeaders:
     ) -> list[tuple[bytes, bytes]]:
         """The headers to forward: client identity headers (and credentials) removed, the principal's set."""
         strip = self._strip
-        forwarded = [(name, value) for name, value in headers if _canonical(name) not in strip]
+        # `_canonical` inlined: this runs for every forwarded header of every request.
+        forwarded = [(name, value) for name, value in headers if name.translate(_FOLD) not in strip]
         if principal is None or not principal.is_authenticated:
             return forwarded
         for name, value in ((self.subject, principal.subject), (self.tenant, principal.tenant)):
