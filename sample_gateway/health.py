@@ -183,7 +183,8 @@ class ServiceHealth:
 
     def healthy(self) -> tuple[Target, ...]:
         """The targets to balance over, in registry order. Cheap: cached between state changes."""
-        if self._dirty or self._clock.monotonic() >= self._valid_until:
+        # No clock read while nothing is ejected (valid_until is infinite): this runs on every request.
+        if self._dirty or (self._valid_until != math.inf and self._clock.monotonic() >= self._valid_until):
             self._recompute()
         return self._healthy
 
