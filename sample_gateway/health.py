@@ -214,12 +214,16 @@ class ServiceHealth:
         state = self._states.get(target.id)
         if state is None:
             return  # deregistered while the attempt ran
-        state.in_flight = max(0, state.in_flight - 1)
+        # Plain comparisons rather than max()/min() here and in _observe_latency: this runs once per attempt.
+        if state.in_flight > 0:
+            state.in_flight -= 1
         if outcome == "cancelled":
             return  # the client went away: says nothing about the target
         failed = outcome in _FAILURES or (status is not None and status >= 500)
         now = self._clock.monotonic()
-        self._observe_latency(state, max(latency, _FAILURE_LATENCY_PENALTY) if failed else latency, now)
+        if failed and latency < _FAILURE_LATENCY_PENALTY:
+            latency = _FAILURE_LATENCY_PENALTY
+        self._observe_latency(state, latency, now)
         if not failed:
             state.passive_failures = 0
             return
@@ -245,9 +249,11 @@ class ServiceHealth:
         if state.ewma is None:
             state.ewma = latency
         else:
-            weight = math.exp(-max(now - state.ewma_at, 0.0) / self._outlier.ewma_decay)
+            elapsed = now - state.ewma_at
+            weight = math.exp(-elapsed / self._outlier.ewma_decay) if elapsed > 0.0 else 1.0
             # Faster decay than a fixed alpha when requests are rare; at least 10% for the newest sample.
-            weight = min(weight, 0.9)
+            if weight > 0.9:
+                weight = 0.9
             state.ewma = state.ewma * weight + latency * (1 - weight)
         state.ewma_at = now
 
