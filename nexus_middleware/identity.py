@@ -51,6 +51,7 @@ class IdentityHeaders:
     key_id: str | None = None
     strip_credentials: tuple[str, ...] = ()
     _strip: frozenset[bytes] = field(init=False, repr=False, compare=False)
+    _strip_lengths: frozenset[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         given: object = self.strip_credentials  # config files hand over a bare string by mistake
@@ -68,6 +69,7 @@ class IdentityHeaders:
             raise ConfigurationError("identity header names must differ (ignoring case, '_' and '.')")
         strip = set(canonical) | {_canonical(name.encode("ascii")) for name in self.strip_credentials}
         object.__setattr__(self, "_strip", frozenset(strip))
+        object.__setattr__(self, "_strip_lengths", frozenset(map(len, strip)))
 
     def apply(
         self,
@@ -77,9 +79,14 @@ class IdentityHeaders:
         context: RequestContext | None = None,
     ) -> list[tuple[bytes, bytes]]:
         """The headers to forward: client identity headers (and credentials) removed, the principal's set."""
-        strip = self._strip
-        # `_canonical` inlined: this runs for every forwarded header of every request.
-        forwarded = [(name, value) for name, value in headers if name.translate(_FOLD) not in strip]
+        strip, lengths = self._strip, self._strip_lengths
+        # Runs for every forwarded header of every request: folding keeps the length, so a name of another
+        # length than every stripped one is kept without building its folded copy (`_canonical` inlined).
+        forwarded = [
+            header
+            for header in headers
+            if len(header[0]) not in lengths or header[0].translate(_FOLD) not in strip
+        ]
         if principal is None or not principal.is_authenticated:
             return forwarded
         for name, value in ((self.subject, principal.subject), (self.tenant, principal.tenant)):
