@@ -130,19 +130,16 @@ _current: ContextVar[RequestContext | None] = ContextVar("nexus_request_context"
 
 def get_context(scope: Scope) -> RequestContext:
     """The request's context, created on first use. Every nexus layer calls this, in any order."""
-    # Called several times per request by every layer: the found case is two subscripts, no method calls.
-    try:
-        context: RequestContext | None = scope["state"][STATE_KEY]
-    except (KeyError, TypeError):  # no state yet, or a server that set it to None
-        context = None
-    if context is not None:
-        return context
+    # Called several times per request by every layer. No try/except: the first call of every request
+    # misses, and a raised KeyError costs more than all the found cases' method calls together.
     state = scope.get("state")
-    if state is None:
+    if state is not None:
+        context: RequestContext | None = state.get(STATE_KEY)
+        if context is not None:
+            return context
+    else:
         state = scope["state"] = {}
-    context = state.get(STATE_KEY)
-    if context is None:
-        context = state[STATE_KEY] = RequestContext()
+    context = state[STATE_KEY] = RequestContext()
     return context
 
 
