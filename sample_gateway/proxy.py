@@ -327,7 +327,7 @@ class ReverseProxy:
         gateway_names = self._gateway_names
         out: RawHeaders = []
         host = None
-        connection: list[bytes] | None = None
+        connection: list[bytes] = []
         prior_for: list[bytes] = []
         prior_via: list[bytes] = []
         claimed: dict[bytes, bytes] | None = None  # forwarding headers, believed from a trusted peer only
@@ -338,7 +338,7 @@ class ReverseProxy:
             elif name == b"host":
                 host = header[1]
             elif name == b"connection":
-                connection = [header[1]] if connection is None else [*connection, header[1]]
+                connection.append(header[1])
             elif name == b"x-forwarded-for":
                 prior_for.append(header[1])
             elif name == b"via":
@@ -347,10 +347,10 @@ class ReverseProxy:
                 if claimed is None:
                     claimed = {}
                 claimed.setdefault(name, header[1])
-        if connection is not None:  # rare: the headers it names are hop-by-hop too
+        if connection:  # rare: the headers it names are hop-by-hop too
             named = _connection_tokens(connection)
             out = [header for header in out if header[0] not in named]
-        trusted = (prior_for or claimed) and self._resolver.trusts_peer(scope)
+        trusted = bool(prior_for or claimed) and self._resolver.trusts_peer(scope)
         forwarded = claimed if trusted and claimed else _NOTHING_CLAIMED
         if not trusted:
             prior_for = []
@@ -358,7 +358,7 @@ class ReverseProxy:
         if client:
             prior_for.append(client[0].encode("latin-1"))
         if prior_for:
-            out.append((b"x-forwarded-for", b", ".join(prior_for) if len(prior_for) > 1 else prior_for[0]))
+            out.append((b"x-forwarded-for", b", ".join(prior_for)))
         if b"forwarded" in forwarded:
             out.append((b"forwarded", forwarded[b"forwarded"]))
         scheme: str = scope.get("scheme", "http")
@@ -393,21 +393,21 @@ class ReverseProxy:
         """The upstream's response headers as sent to the client: hop-by-hop ones and `server_set_headers`
         removed, `Via` appended."""
         out: RawHeaders = []
-        connection: list[bytes] | None = None
-        prior_via: list[bytes] | None = None
+        connection: list[bytes] = []
+        prior_via: list[bytes] = []
         for header in upstream:
             name = header[0]
             if name in self._dropped_response_names:
                 if name == b"connection":
-                    connection = [header[1]] if connection is None else [*connection, header[1]]
+                    connection.append(header[1])
             elif name == b"via":
-                prior_via = [header[1]] if prior_via is None else [*prior_via, header[1]]
+                prior_via.append(header[1])
             else:
                 out.append(header)
-        if connection is not None:
+        if connection:
             named = _connection_tokens(connection)
             out = [header for header in out if header[0] not in named]
-        if prior_via is None:
+        if not prior_via:
             out.append(self._via_header)
         else:
             prior_via.append(self._via)
