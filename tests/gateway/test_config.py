@@ -311,3 +311,4 @@ def test_the_kubernetes_manifests_carry_a_valid_config_and_the_probes() -> None:
     assert container["env"][0]["name"] == "NEXUS__ADMIN__API_KEYS"
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["python", "-m", "sample_gateway"]' in dockerfile
+    assert '".[gateway,redis,fast]"' in dockerfile  # uvicorn's compiled loop and parser in production
