@@ -689,12 +689,21 @@ class _Exchange(_Forwarding):
             self._deadline_passed()
 
     async def _watch(self) -> None:
+        # Once the last body message was received, an ASGI server's receive() waits until the client goes
+        # away. A bodiless request's one (empty) body message may still be pending, so it is skipped; any
+        # further message answered at once (a wrapper replaying the body) ends the watch, since calling
+        # again would spin the event loop.
+        final_seen = False
         try:
             while True:
                 message = await self._receive()
                 if message["type"] == "http.disconnect":
                     self._client_gone()
                     return
+                if final_seen or message["type"] != "http.request":
+                    logger.debug("receive answered %r while watching for a disconnect", message["type"])
+                    return
+                final_seen = not message.get("more_body", False)
         except Exception:  # a broken receive is the server's business; the exchange goes on
             logger.debug("receive failed while watching for a disconnect", exc_info=True)
 

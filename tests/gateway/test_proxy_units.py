@@ -7,7 +7,7 @@ import pytest
 
 from nexus_middleware.clock import ManualClock
 from nexus_middleware.errors import ConfigurationError
-from sample_gateway.contracts import UpstreamPolicy
+from sample_gateway.contracts import Target, UpstreamPolicy
 from sample_gateway.proxy import RetryBudget, ReverseProxy
 from sample_gateway.upstream_client import (
     ConnectionGate,
@@ -34,6 +34,8 @@ def test_origin_parse(url: str, expected: Origin, netloc: str) -> None:
     origin = Origin.parse(url)
     assert origin == expected
     assert origin.netloc == netloc
+    assert origin.host_header == netloc.encode()
+    assert origin.base == f"{expected.scheme}://{netloc}"
 
 
 @pytest.mark.parametrize(
@@ -121,6 +123,57 @@ async def test_forward_refuses_websocket_scopes() -> None:
             policy=UpstreamPolicy(service="s"),
             path="/",
         )
+
+
+class _SilentUpstream:
+    """An upstream client whose responses never come: only the proxy's deadline ends an attempt."""
+
+    async def open(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.Event().wait()
+
+    async def open_websocket(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("receive_waits", [True, False], ids=["receive-waits", "receive-answers-at-once"])
+def test_deadlines_hold_on_every_event_loop_the_proxy_serves(receive_waits: bool) -> None:
+    # Deadlines are enforced by one periodic sweep per proxy, on the loop of the exchanges in flight. A proxy
+    # that outlives its loop (tests, a restarted server) must not wait for the closed loop's timer. And the
+    # disconnect watch, started meanwhile, must not spin on a receive() that answers without waiting.
+    proxy = ReverseProxy(client=_SilentUpstream())  # type: ignore[arg-type]
+    policy = UpstreamPolicy(service="svc", total_timeout=0.2)
+
+    async def forward_once() -> list[Any]:
+        sent: list[Any] = []
+        calls = 0
+
+        async def receive() -> Any:
+            nonlocal calls
+            calls += 1
+            if receive_waits and calls > 1:  # a server: the pending empty body message, then a wait
+                await asyncio.Event().wait()
+            await asyncio.sleep(0)  # a watch that called again would show in `calls`, not hang the test
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        selector = ListSelector([Target(id="a", url="http://127.0.0.1:9")])
+        began = asyncio.get_running_loop().time()
+        await asyncio.wait_for(
+            proxy.forward(make_scope("/x"), receive, send, selector=selector, policy=policy, path="/x"), 5
+        )
+        assert 0.2 <= asyncio.get_running_loop().time() - began < 1.0
+        assert calls == 2  # both the disconnect watch's: the pending empty body, then a wait or the end
+        return sent
+
+    for _ in range(2):
+        sent = asyncio.run(forward_once())
+        assert sent[0]["type"] == "http.response.start"
+        assert sent[0]["status"] == 504
 
 
 async def test_connection_gate_bounds_total_and_per_key() -> None:
