@@ -149,8 +149,9 @@ class GatewayApp:
             return
         match = get_context(scope).extras.get(MATCH_EXTRA)
         if match is None:  # served without the edge (tests, embedding): route here
-            path = await _path_or_refuse(scope, send)
+            path = _normalized_path(scope)
             if path is None:
+                await send_problem(scope, send, INVALID_PATH, layer="gateway")
                 return
             match = route_request(self.runtime, scope, path)
         if isinstance(match, NoRoute):
@@ -238,12 +239,13 @@ class GatewayApp:
                 return
 
 
-async def _path_or_refuse(scope: Scope, send: Send) -> str | None:
-    """The normalized path (computed once per request, shared by every layer), or None after a 400."""
+def _normalized_path(scope: Scope) -> str | None:
+    """The normalized path (computed once per request, shared by every layer), or None when unusable.
+
+    Plain code, not a coroutine that also sends the 400: it runs on every request at the edge."""
     try:
         return request_path(scope)
     except InvalidPathError:
-        await send_problem(scope, send, INVALID_PATH, layer="gateway")
         return None
 
 
@@ -286,9 +288,8 @@ class GatewayEdge:
         if scope_type != "http" and scope_type != "websocket":
             await self.app(scope, receive, send)  # lifespan reaches GatewayApp through the stack
             return
-        try:  # inline rather than _path_or_refuse: no coroutine to create on every request
-            path = request_path(scope)
-        except InvalidPathError:
+        path = _normalized_path(scope)
+        if path is None:
             await send_problem(scope, send, INVALID_PATH, layer="gateway")
             return
         if scope_type == "http":
