@@ -548,10 +548,24 @@ class _BaseClient(Generic[_Pool, _LibraryTimeout, _LibraryResponse]):
 # --- aiohttp ---
 
 
+class _AiohttpExchange(Protocol):
+    """What `_AiohttpResponse` reads: an `aiohttp.ClientResponse`, or a `_DirectExchange`."""
+
+    status: int
+    content: "aiohttp.StreamReader"
+
+    @property
+    def raw_headers(self) -> "aiohttp.typedefs.RawHeaders": ...
+
+    def release(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+
 class _AiohttpResponse(_GatedResponse):
     __slots__ = ("_done", "_response")
 
-    def __init__(self, gate: ConnectionGate, key: str, response: "aiohttp.ClientResponse") -> None:
+    def __init__(self, gate: ConnectionGate, key: str, response: _AiohttpExchange) -> None:
         super().__init__(gate, key, response.status, response.raw_headers)
         self._response = response
         self._done = False
@@ -625,6 +639,50 @@ def _transparent_request() -> "type[aiohttp.ClientRequest]":
     return TransparentRequest
 
 
+# Methods whose request aiohttp's session sends again, once, when a pooled keep-alive connection turns out to
+# be closed by the upstream before any response byte (RFC 9112 §9.3.1); the direct path does the same.
+_REPLAYED_ON_STALE_CONNECTION = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+class _DirectExchange:
+    """A response read straight off an aiohttp pooled connection (see `_AiohttpClient._send_direct`)."""
+
+    __slots__ = ("_connection", "content", "raw_headers", "status")
+
+    def __init__(
+        self,
+        connection: "aiohttp.connector.Connection",
+        message: "aiohttp.http.RawResponseMessage",
+        payload: "aiohttp.StreamReader",
+    ) -> None:
+        self._connection = connection
+        self.status = message.code
+        self.raw_headers = message.raw_headers
+        self.content = payload
+
+    def release(self) -> None:
+        self._connection.release()  # back to the pool, unless the protocol says it must close
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def _request_head(method: str, target: str, headers: RawHeaders) -> bytes:
+    """The request line and header block, as bytes. `method` and `target` were checked by the server in front
+    and by the proxy (a token; printable ASCII without spaces)."""
+    parts = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1")]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    head = b"".join(parts)
+    # Every line break must be one written here: a CR or LF inside a name or value would split a header
+    # (response splitting, smuggling). aiohttp's own writer refuses them the same way.
+    lines = len(headers) + 2
+    if head.count(b"\n") != lines or head.count(b"\r") != lines:
+        raise ValueError("a request header contains a line break")
+    return head
+
+
 def _aiohttp_session(connector: "aiohttp.TCPConnector") -> "aiohttp.ClientSession":
     import aiohttp
 
@@ -677,12 +735,18 @@ class _AiohttpWebSocket:
         await self._websocket.close(code=code)
 
 
-class _AiohttpClient(_BaseClient["aiohttp.ClientSession", "aiohttp.ClientTimeout", "aiohttp.ClientResponse"]):
+class _AiohttpClient(_BaseClient["aiohttp.ClientSession", "aiohttp.ClientTimeout", _AiohttpExchange]):
     kind: ClientKind = "aiohttp"
     _response_type = _AiohttpResponse
 
+    def __init__(self, max_connections: int, max_per_host: int, keepalive_expiry: float) -> None:
+        super().__init__(max_connections, max_per_host, keepalive_expiry)
+        self._connection_requests: dict[Origin, aiohttp.ClientRequest] = {}
+
     def _new_pool(self) -> "aiohttp.ClientSession":
         import aiohttp
+
+        self._connection_requests.clear()  # they hold the event loop of the session they were made for
 
         connector = aiohttp.TCPConnector(
             limit=self._max_connections,
@@ -707,7 +771,11 @@ class _AiohttpClient(_BaseClient["aiohttp.ClientSession", "aiohttp.ClientTimeout
         headers: RawHeaders,
         body: _Body,
         timeout: "aiohttp.ClientTimeout",
-    ) -> Awaitable["aiohttp.ClientResponse"]:
+    ) -> Awaitable[_AiohttpExchange]:
+        if body is None or isinstance(body, bytes):
+            return self._send_direct(method, origin, target, headers, body, timeout)
+        # A streamed body goes through the session: its writer task sends the body while the response is
+        # read, so an upstream that answers early (a 413 before reading) is heard.
         # encoded=True: the proxy checked the target is printable ASCII, and it must reach the upstream as is.
         url = _yarl_url()(origin.base + target, encoded=True)
         return self._get_pool().request(
@@ -721,7 +789,89 @@ class _AiohttpClient(_BaseClient["aiohttp.ClientSession", "aiohttp.ClientTimeout
             compress=None,
         )
 
+    async def _send_direct(
+        self,
+        method: str,
+        origin: Origin,
+        target: str,
+        headers: RawHeaders,
+        body: bytes | None,
+        limits: "aiohttp.ClientTimeout",
+    ) -> _DirectExchange:
+        """One exchange on aiohttp's pool and response parser, without its session layer.
+
+        `ClientSession.request` builds a URL, two header multidicts, a cookie filter, a timer and a
+        `ClientRequest` per call: about 40% of a minimal aiohttp proxy's instructions (docs/performance.md),
+        for features a reverse proxy turns off (redirects, cookies, default headers, decompression). Here the
+        request head is written as the bytes the proxy prepared, with the connector's pooling, limits and
+        connect timeout, and the protocol's C parser, read timeout and keep-alive bookkeeping, as the
+        session uses them. The body, when there is one, is already in memory and goes in the same write.
+        """
+        import aiohttp
+        from aiohttp.http import HttpProcessingError
+
+        head = _request_head(method, target, headers)
+        data = head if not body else head + body
+        connector, connection_request = self._connection_request(origin)
+        replay = method in _REPLAYED_ON_STALE_CONNECTION
+        while True:
+            try:
+                connection = await connector.connect(connection_request, [], limits)
+            except aiohttp.ClientError:
+                raise
+            except TimeoutError as exc:  # the session names it the same way
+                raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host {origin.base}") from exc
+            protocol = connection.protocol
+            transport = connection.transport
+            try:
+                if protocol is None or transport is None:
+                    raise aiohttp.ServerDisconnectedError()
+                protocol.set_response_params(
+                    skip_payload=method == "HEAD",
+                    read_until_eof=True,
+                    auto_decompress=False,
+                    read_timeout=limits.sock_read,
+                )
+                transport.write(data)
+                protocol.start_timeout()
+                while True:
+                    message, payload = await protocol.read()
+                    code = message.code
+                    if not 100 <= code < 200 or code == 101:  # interim responses (100, 103) are skipped
+                        return _DirectExchange(connection, message, payload)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                connection.close()
+                if not replay:
+                    raise
+                replay = False  # a stale pooled connection: once more, as the session would
+            except HttpProcessingError as exc:
+                connection.close()
+                raise UpstreamProtocolError(f"invalid upstream response: {exc.message}") from exc
+            except BaseException:
+                connection.close()  # cancelled or failed mid-exchange: never reused
+                raise
+
+    def _connection_request(self, origin: Origin) -> "tuple[aiohttp.BaseConnector, aiohttp.ClientRequest]":
+        """The connector, and a `ClientRequest` for `origin` that only names the pool key and TLS settings
+        (`BaseConnector.connect` takes one); built once per origin, not per request."""
+        session = self._get_pool()
+        connector = session.connector
+        if connector is None:
+            raise RuntimeError("the aiohttp session is closed")
+        cached = self._connection_requests.get(origin)
+        if cached is None:
+            import aiohttp
+
+            if len(self._connection_requests) >= 256:  # targets come and go; never grow without bound
+                self._connection_requests.clear()
+            url = _yarl_url()(origin.base + "/", encoded=True)
+            cached = aiohttp.ClientRequest("GET", url, loop=asyncio.get_running_loop(), ssl=True)
+            self._connection_requests[origin] = cached
+        return connector, cached
+
     def _upstream_error(self, exc: BaseException) -> UpstreamError | None:
+        if isinstance(exc, UpstreamError):
+            return exc
         errors = _aiohttp_errors()
         if isinstance(exc, errors.base):
             return errors.translate(exc)
