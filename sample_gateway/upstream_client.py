@@ -8,7 +8,9 @@ library exceptions translated into the `UpstreamError` hierarchy below so the pr
 the same way whatever the client.
 
 aiohttp is the default because it measured about 10x httpx's throughput behind a minimal proxy on the same
-machine (see docs/performance.md); httpx stays selectable, and is the control plane's client.
+machine (see docs/performance.md); httpx stays selectable, and is the control plane's client. With aiohttp,
+requests without a streamed body use its connector and response parser directly, not its `ClientSession`
+(`_AiohttpClient._send_direct`): the session's per-call work is most of a fast exchange's cost.
 """
 
 import asyncio
