@@ -14,11 +14,15 @@ from nexus_middleware.types import Scope
 __all__ = [
     "AttemptObserver",
     "AttemptOutcome",
+    "IDEMPOTENT_METHODS",
     "RetryPolicy",
     "Target",
     "TargetSelector",
     "UpstreamPolicy",
 ]
+
+# RFC 9110 §9.2.2: a request with one of these methods may be sent again without changing the outcome.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 AttemptOutcome = Literal["success", "http_error", "connect_error", "timeout", "protocol_error", "cancelled"]
 

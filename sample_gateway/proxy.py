@@ -23,6 +23,7 @@ from nexus_middleware.headers import RawHeaders, contains_ctl, get_header
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import Message, Receive, Scope, Send
 from sample_gateway.contracts import (
+    IDEMPOTENT_METHODS,
     AttemptObserver,
     AttemptOutcome,
     RetryPolicy,
@@ -72,7 +73,6 @@ HOP_BY_HOP_HEADERS = frozenset(
         b"proxy-authorization",
     }
 )
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # A request body up to this size, with a declared Content-Length, is read before the first attempt of a
 # retryable request so that it can be replayed; larger or chunked bodies are streamed and never replayed once
 # the upstream started reading them.

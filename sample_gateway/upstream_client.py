@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from nexus_middleware.errors import ConfigurationError, NexusError
 from nexus_middleware.headers import RawHeaders
+from sample_gateway.contracts import IDEMPOTENT_METHODS
 
 if TYPE_CHECKING:
     import aiohttp
@@ -641,11 +642,6 @@ def _transparent_request() -> "type[aiohttp.ClientRequest]":
     return TransparentRequest
 
 
-# Methods whose request aiohttp's session sends again, once, when a pooled keep-alive connection turns out to
-# be closed by the upstream before any response byte (RFC 9112 §9.3.1); the direct path does the same.
-_REPLAYED_ON_STALE_CONNECTION = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-
-
 class _DirectExchange:
     """A response read straight off an aiohttp pooled connection (see `_AiohttpClient._send_direct`)."""
 
@@ -815,12 +811,14 @@ class _AiohttpClient(_BaseClient["aiohttp.ClientSession", "aiohttp.ClientTimeout
         head = _request_head(method, target, headers)
         data = head if not body else head + body
         connector, connection_request = self._connection_request(origin)
-        replay = method in _REPLAYED_ON_STALE_CONNECTION
+        # aiohttp's session sends an idempotent request again, once, when a pooled keep-alive connection turns
+        # out to be closed by the upstream before any response byte (RFC 9112 §9.3.1); so does this path.
+        replay = method in IDEMPOTENT_METHODS
         while True:
             try:
                 connection = await connector.connect(connection_request, [], limits)
             except aiohttp.ClientError:
-                raise
+                raise  # its ServerTimeoutError is a TimeoutError too, and already named
             except TimeoutError as exc:  # the session names it the same way
                 raise aiohttp.ConnectionTimeoutError(f"Connection timeout to host {origin.base}") from exc
             protocol = connection.protocol
