@@ -42,14 +42,14 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _server(app: ASGIApp, *, log_level: str, primary: bool) -> uvicorn.Server:
-    # The gateway forwards the upstream's own Server and Date headers; uvicorn must not add a second pair.
+    # The proxy drops the upstream's Date and Server (`server_set_headers`): uvicorn sets the one Date a
+    # response must carry (RFC 9110 §6.6.1), and no Server, so the gateway does not advertise its software.
     config = uvicorn.Config(
         app,
         log_level=log_level,
         lifespan="on" if primary else "auto",
         access_log=False,
         server_header=False,
-        date_header=not primary,
     )
     return uvicorn.Server(config) if primary else _SecondaryServer(config)
 
@@ -128,8 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lifespan="on",
             log_level=args.log_level,
             access_log=False,
-            server_header=False,
-            date_header=False,
+            server_header=False,  # and uvicorn's Date on, as in _server
         )
         return 0
     return _run_config(config, args.config, host, port, args.log_level)

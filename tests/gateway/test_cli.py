@@ -66,7 +66,8 @@ async def test_the_demo_starts_prints_what_to_curl_and_serves() -> None:
     async with gateway_process("--port", str(port)) as process:
         await wait_until_up(process, base)
         async with httpx.AsyncClient(base_url=base, timeout=10) as http:
-            instances = Counter([(await http.get("/api/hello")).json()["instance"] for _ in range(4)])
+            hellos = [await http.get("/api/hello") for _ in range(4)]
+            instances = Counter([response.json()["instance"] for response in hellos])
             canary = {
                 (await http.get("/api/hello", headers={"x-canary": "1"})).json()["instance"] for _ in range(3)
             }
@@ -78,6 +79,9 @@ async def test_the_demo_starts_prints_what_to_curl_and_serves() -> None:
         assert process.stdout is not None
         printed = (await process.stdout.read()).decode()
     assert instances == {"demo-1": 2, "demo-2": 2}
+    # One Date, set by the server in front (the upstream's is dropped), and no Server advertising uvicorn.
+    assert all(len(response.headers.get_list("date")) == 1 for response in hellos)
+    assert all("server" not in response.headers for response in hellos)
     assert canary == {"demo-2"}
     assert ready.status_code == 200
     assert [t["id"] for t in admin.json()["services"][0]["targets"]] == ["demo-1", "demo-2"]
@@ -166,4 +170,6 @@ async def test_several_workers_serve_one_config(tmp_path: Path, upstream: Upstre
             responses = [await http.get(f"/w/{index}") for index in range(6)]
             ready = await http.get("/readyz")
     assert [response.json()["path"] for response in responses] == [f"/w/{index}" for index in range(6)]
+    assert all(len(response.headers.get_list("date")) == 1 for response in responses)
+    assert all("server" not in response.headers for response in responses)
     assert ready.status_code == 200
