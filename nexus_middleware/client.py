@@ -21,6 +21,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _HEADER_NAMES = {"x-forwarded-for": b"x-forwarded-for", "forwarded": b"forwarded"}
+_PROTO_HEADERS = {"x-forwarded-for": b"x-forwarded-proto", "forwarded": b"forwarded"}
+_SCHEMES = frozenset({"http", "https", "ws", "wss"})
 _OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 # Dotted-quad IPv4 already in canonical form (no leading zeros, no port): its own canonical text.
 _CANONICAL_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
@@ -51,14 +53,19 @@ def normalize_ip(text: str) -> str | None:
     return None if address is None else str(address)
 
 
+def _forwarded_pairs(element: str) -> list[tuple[str, str]]:
+    """The `name=token` pairs of one RFC 7239 `Forwarded` element, names lower-cased."""
+    pairs = []
+    for pair in element.split(";"):
+        name, _, token = pair.strip().partition("=")
+        pairs.append((name.strip().lower(), token))
+    return pairs
+
+
 def _forwarded_for(value: str) -> list[str]:
-    hops = []
-    for element in value.split(","):
-        for pair in element.split(";"):
-            name, _, token = pair.strip().partition("=")
-            if name.strip().lower() == "for":
-                hops.append(token)
-    return hops
+    return [
+        token for element in value.split(",") for name, token in _forwarded_pairs(element) if name == "for"
+    ]
 
 
 class AddressSet:
@@ -147,6 +154,24 @@ class ClientAddressResolver:
         if self._hops is not None:
             return self._hops > 0
         return peer in self._trusted
+
+    def scheme(self, scope: Scope) -> str:
+        """The scheme the client used: a trusted proxy's `X-Forwarded-Proto` (or `Forwarded: proto=`, with
+        `header="forwarded"`), else the scope's own. TLS usually ends at that proxy."""
+        own: str = scope.get("scheme", "http")
+        if not self.trusts_peer(scope):
+            return own
+        values = get_headers(scope.get("headers") or (), _PROTO_HEADERS[self._header])
+        if not values:
+            return own
+        # The first proxy's value is the client's; later hops may have appended their own.
+        first = values[0].decode("latin-1").partition(",")[0]
+        if self._header == "forwarded":
+            proto = next((token for name, token in _forwarded_pairs(first) if name == "proto"), None)
+        else:
+            proto = first
+        proto = None if proto is None else proto.strip().strip('"').lower()
+        return proto if proto in _SCHEMES else own
 
     def resolve(self, scope: Scope) -> str | None:
         """The client address as canonical text, or None when the server reports no peer (unix sockets)."""

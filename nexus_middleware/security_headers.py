@@ -4,12 +4,17 @@ Two presets: `api` (the default, for JSON APIs: nothing may be loaded, framed or
 defaults for server-rendered pages). Any header can be overridden with a string or removed with None/False,
 and headers the preset does not know can be added the same way. A header the app already set is left alone:
 the app knows its response better than a blanket policy.
+
+HSTS goes only on responses to https requests (RFC 6797 §7.2: never over plain http): the scope's scheme,
+or the `X-Forwarded-Proto` (or `Forwarded: proto=`) of a peer the `client_resolver` trusts, since TLS usually
+ends at a proxy in front. `force_hsts=True` sends it on every response, for a terminator that says nothing.
 """
 
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Literal
 
+from nexus_middleware.client import ClientAddressResolver
 from nexus_middleware.errors import ConfigurationError
 from nexus_middleware.headers import contains_ctl, is_header_name
 from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
@@ -55,6 +60,7 @@ PRESETS: Mapping[str, Mapping[str, str]] = MappingProxyType(
 )
 
 _HSTS = "strict-transport-security"
+_HSTS_BYTES = _HSTS.encode("ascii")
 _PRELOAD_MIN_AGE = 31_536_000  # hstspreload.org refuses shorter max-ages
 
 
@@ -71,6 +77,8 @@ class SecurityHeadersMiddleware:
         hsts_max_age: int = 31_536_000,
         hsts_include_subdomains: bool = True,
         hsts_preload: bool = False,
+        force_hsts: bool = False,
+        client_resolver: ClientAddressResolver | None = None,
     ) -> None:
         if preset not in PRESETS:
             raise ConfigurationError(f"preset must be one of {sorted(PRESETS)}, not {preset!r}")
@@ -102,7 +110,12 @@ class SecurityHeadersMiddleware:
         self.headers: tuple[tuple[bytes, bytes], ...] = tuple(
             (name.encode("ascii"), value.encode("ascii")) for name, value in chosen.items()
         )
+        # Both header sets computed once: a request picks one by its scheme.
+        self._plain_headers = (
+            self.headers if force_hsts else tuple(h for h in self.headers if h[0] != _HSTS_BYTES)
+        )
         self._names = frozenset(name for name, _ in self.headers)
+        self._resolver = client_resolver
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Websocket handshakes pass untouched: these headers govern how a browser treats a loaded document
@@ -110,7 +123,14 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http" or not self.headers:
             await self.app(scope, receive, send)
             return
-        ours = self.headers
+        resolver = self._resolver
+        secure = scope.get("scheme") == "https" or (
+            resolver is not None and resolver.scheme(scope) == "https"
+        )
+        ours = self.headers if secure else self._plain_headers
+        if not ours:  # HSTS was all there was to send
+            await self.app(scope, receive, send)
+            return
         names = self._names
 
         async def send_with_headers(message: Message) -> None:

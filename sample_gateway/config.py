@@ -478,6 +478,9 @@ class SecurityConfig(_Model):
 
     request_id: bool = True
     security_headers: Literal["api", "html", "off"] = "api"
+    force_hsts: bool = (
+        False  # HSTS on plain-http responses too (a TLS terminator that is not trusted_proxies)
+    )
     max_body_size: Annotated[int | None, Field(ge=0)] = 10 * 1024 * 1024
 
 

@@ -164,7 +164,12 @@ def _access_log(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) ->
 def _security_headers(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
     if config.security.security_headers == "off":
         return None
-    return SecurityHeadersMiddleware(app, preset=config.security.security_headers)
+    return SecurityHeadersMiddleware(
+        app,
+        preset=config.security.security_headers,
+        force_hsts=config.security.force_hsts,
+        client_resolver=runtime.resolver,  # HSTS when a trusted proxy says the client used https
+    )
 
 
 def _body_limit(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:

@@ -182,3 +182,43 @@ def test_address_set_names_the_option_and_can_refuse_the_wildcard() -> None:
 def test_trusts_peer(kwargs: dict[str, Any], peer: str | None, expected: bool) -> None:
     scope = make_scope(client=(peer, 1234) if peer else None)
     assert ClientAddressResolver(**kwargs).trusts_peer(scope) is expected
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "peer", "headers", "own", "expected"),
+    [
+        # Nothing trusted: the scope's scheme, whatever the client claims.
+        ({}, "10.0.0.1", [("x-forwarded-proto", "https")], "http", "http"),
+        ({}, "10.0.0.1", [], "https", "https"),
+        # A trusted proxy's word wins, in both directions.
+        ({"trusted_proxies": TRUSTED}, "10.0.0.1", [("x-forwarded-proto", "https")], "http", "https"),
+        ({"trusted_proxies": TRUSTED}, "10.0.0.1", [("x-forwarded-proto", "HTTP")], "https", "http"),
+        ({"trusted_proxies": TRUSTED}, "203.0.113.7", [("x-forwarded-proto", "https")], "http", "http"),
+        # The first proxy's value is the client's; junk and absence leave the scope's.
+        ({"trusted_proxies": TRUSTED}, "10.0.0.1", [("x-forwarded-proto", "https, http")], "http", "https"),
+        ({"trusted_proxies": TRUSTED}, "10.0.0.1", [("x-forwarded-proto", "gopher")], "http", "http"),
+        ({"trusted_proxies": TRUSTED}, "10.0.0.1", [], "http", "http"),
+        ({"trusted_hops": 1}, "203.0.113.7", [("x-forwarded-proto", "https")], "http", "https"),
+        # With header="forwarded", RFC 7239's proto of the first element, and X-Forwarded-Proto is ignored.
+        (
+            {"trusted_proxies": TRUSTED, "header": "forwarded"},
+            "10.0.0.1",
+            [("forwarded", 'for=198.51.100.1;proto="https", for=10.0.0.2;proto=http')],
+            "http",
+            "https",
+        ),
+        (
+            {"trusted_proxies": TRUSTED, "header": "forwarded"},
+            "10.0.0.1",
+            [("x-forwarded-proto", "https"), ("forwarded", "for=198.51.100.1")],
+            "http",
+            "http",
+        ),
+    ],
+)
+def test_scheme_believes_trusted_proxies_only(
+    kwargs: dict[str, Any], peer: str, headers: list[tuple[str, str]], own: str, expected: str
+) -> None:
+    scope = make_scope(headers=headers, client=(peer, 1234))
+    scope["scheme"] = own
+    assert ClientAddressResolver(**kwargs).scheme(scope) == expected

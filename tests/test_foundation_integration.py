@@ -226,7 +226,9 @@ async def _chunks(count: int, size: int) -> AsyncIterator[bytes]:
 async def test_end_to_end_through_uvicorn(factory: Callable[[Seen], Starlette]) -> None:
     seen = Seen()
     async with serve(factory(seen)) as base_url, httpx.AsyncClient(base_url=base_url) as client:
-        hello = await client.get("/hello")
+        # uvicorn believes X-Forwarded-Proto from 127.0.0.1 (its default --forwarded-allow-ips): TLS ended
+        # at a proxy in front, so HSTS is sent; over plain http it never is (RFC 6797 §7.2).
+        hello = await client.get("/hello", headers={"x-forwarded-proto": "https"})
         await asyncio.wait_for(seen.background_ran.wait(), timeout=10)
         async with client.stream("GET", "/stream") as streamed:
             received = [chunk async for chunk in streamed.aiter_raw()]
@@ -239,6 +241,8 @@ async def test_end_to_end_through_uvicorn(factory: Callable[[Seen], Starlette]) 
     assert seen.endpoint == [(generated, generated)]
     assert seen.background == [generated]
     assert hello.headers["strict-transport-security"] == "max-age=31536000; includeSubDomains"
+    assert "strict-transport-security" not in streamed.headers
+    assert streamed.headers["x-content-type-options"] == "nosniff"
     assert b"".join(received) == b"".join(CHUNKS)
     assert streamed.headers["transfer-encoding"] == "chunked"
     assert (under.status_code, under.text) == (200, "64")

@@ -3,7 +3,7 @@ from typing import Any
 import httpx
 import pytest
 
-from nexus_middleware import ConfigurationError, SecurityHeadersMiddleware
+from nexus_middleware import ClientAddressResolver, ConfigurationError, SecurityHeadersMiddleware
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import Receive, Scope, Send
 from tests.support.asgi import headers_app, make_scope, ok_app, run_asgi, streaming_app
@@ -23,6 +23,12 @@ API_HEADERS = {
 }
 
 
+def https_scope(**kwargs: Any) -> Scope:
+    scope = make_scope(**kwargs)
+    scope["scheme"] = "https"
+    return scope
+
+
 def _security(recorded: Any) -> dict[str, str]:
     return {
         k.decode(): v.decode()
@@ -32,14 +38,14 @@ def _security(recorded: Any) -> dict[str, str]:
 
 
 async def test_api_preset_is_the_default() -> None:
-    recorded = await run_asgi(SecurityHeadersMiddleware(ok_app), make_scope())
+    recorded = await run_asgi(SecurityHeadersMiddleware(ok_app), https_scope())
     assert _security(recorded) == API_HEADERS
     assert recorded.header("content-type") == "text/plain"
     assert recorded.body == b"ok"
 
 
 async def test_html_preset() -> None:
-    recorded = await run_asgi(SecurityHeadersMiddleware(ok_app, preset="html"), make_scope())
+    recorded = await run_asgi(SecurityHeadersMiddleware(ok_app, preset="html"), https_scope())
     headers = _security(recorded)
     assert headers["x-frame-options"] == "SAMEORIGIN"
     assert headers["referrer-policy"] == "strict-origin-when-cross-origin"
@@ -74,7 +80,7 @@ async def test_html_preset() -> None:
     ],
 )
 async def test_overrides_and_removals(options: dict[str, Any], changed: dict[str, str | None]) -> None:
-    recorded = await run_asgi(SecurityHeadersMiddleware(ok_app, **options), make_scope())
+    recorded = await run_asgi(SecurityHeadersMiddleware(ok_app, **options), https_scope())
     expected = {**API_HEADERS, **changed}
     assert _security(recorded) == {k: v for k, v in expected.items() if v is not None}
     assert len(recorded.headers) == len(set(recorded.headers))
@@ -104,7 +110,7 @@ async def test_problem_responses_from_inner_layers_get_the_headers() -> None:
     async def refusing(scope: Scope, receive: Receive, send: Send) -> None:
         await send_problem(scope, send, Problem(429, "slow down"), layer="ratelimit")
 
-    recorded = await run_asgi(SecurityHeadersMiddleware(refusing), make_scope())
+    recorded = await run_asgi(SecurityHeadersMiddleware(refusing), https_scope())
     assert recorded.status == 429
     assert recorded.header("content-type") == "application/problem+json"
     assert _security(recorded) == API_HEADERS
@@ -124,8 +130,8 @@ async def test_streaming_response_passes_chunk_by_chunk() -> None:
 async def test_shared_header_list_of_the_app_is_not_mutated() -> None:
     shared = [(b"content-type", b"text/plain")]
     middleware = SecurityHeadersMiddleware(headers_app(shared))
-    await run_asgi(middleware, make_scope())
-    recorded = await run_asgi(middleware, make_scope())
+    await run_asgi(middleware, https_scope())
+    recorded = await run_asgi(middleware, https_scope())
     assert shared == [(b"content-type", b"text/plain")]
     assert len(recorded.headers) == 1 + len(API_HEADERS)
 
@@ -168,8 +174,44 @@ def test_invalid_options_raise_configuration_error(options: dict[str, Any]) -> N
 
 async def test_over_httpx_transport() -> None:
     transport = httpx.ASGITransport(app=SecurityHeadersMiddleware(ok_app, preset="html"))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="https://test") as client:
         response = await client.get("/")
     assert response.status_code == 200
     assert response.headers["x-frame-options"] == "SAMEORIGIN"
     assert response.headers["strict-transport-security"].startswith("max-age=31536000")
+
+
+async def test_hsts_is_never_sent_over_plain_http() -> None:
+    # RFC 6797 §7.2: an HSTS host MUST NOT send the header over non-secure transport.
+    recorded = await run_asgi(SecurityHeadersMiddleware(ok_app), make_scope())
+    assert _security(recorded) == {k: v for k, v in API_HEADERS.items() if k != "strict-transport-security"}
+
+
+async def test_force_hsts_sends_it_over_plain_http_too() -> None:
+    recorded = await run_asgi(SecurityHeadersMiddleware(ok_app, force_hsts=True), make_scope())
+    assert _security(recorded) == API_HEADERS
+
+
+@pytest.mark.parametrize(
+    ("peer", "proto", "hsts"),
+    [
+        ("10.0.0.1", "https", True),  # TLS ended at a trusted proxy
+        ("10.0.0.1", "http", False),
+        ("203.0.113.7", "https", False),  # a client claiming https is not believed
+    ],
+)
+async def test_hsts_follows_a_trusted_proxys_forwarded_proto(peer: str, proto: str, hsts: bool) -> None:
+    middleware = SecurityHeadersMiddleware(
+        ok_app, client_resolver=ClientAddressResolver(trusted_proxies=["10.0.0.0/8"])
+    )
+    scope = make_scope(headers=[("x-forwarded-proto", proto)], client=(peer, 1234))
+    recorded = await run_asgi(middleware, scope)
+    assert (recorded.header("strict-transport-security") is not None) is hsts
+    assert recorded.header("x-content-type-options") == "nosniff"
+
+
+async def test_only_hsts_configured_passes_plain_http_through() -> None:
+    others: dict[str, None] = dict.fromkeys(k for k in API_HEADERS if k != "strict-transport-security")
+    middleware = SecurityHeadersMiddleware(ok_app, headers=others)
+    assert (await run_asgi(middleware, make_scope())).headers == [(b"content-type", b"text/plain")]
+    assert (await run_asgi(middleware, https_scope())).header("strict-transport-security") is not None

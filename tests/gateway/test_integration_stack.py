@@ -10,6 +10,8 @@ import redis.asyncio
 from joserfc.jwk import ECKey
 
 from nexus_middleware import hash_api_key_secret
+from sample_gateway.app import create_app
+from sample_gateway.config import parse_config
 from tests.gateway.support import (
     ADMIN,
     API_KEY,
@@ -22,6 +24,7 @@ from tests.gateway.support import (
     token,
     upstream,
 )
+from tests.support.servers import serve
 
 pytestmark = pytest.mark.e2e
 
@@ -215,3 +218,25 @@ async def test_the_access_log_writes_one_line_per_request_with_the_status_sent(
     lines = [record.getMessage() for record in caplog.records if record.name == "nexus_middleware.access_log"]
     assert len(lines) == 2
     assert "200" in lines[0] and "/items/1" in lines[0] and "405" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("section", "hsts"),
+    [
+        ({"trusted_proxies": ["127.0.0.1"]}, True),  # TLS ended at a trusted proxy: HSTS
+        ({}, False),  # the same claim from a peer nobody trusts: never over plain http
+        ({"security": {"force_hsts": True}}, True),
+    ],
+)
+async def test_hsts_only_when_a_trusted_proxy_says_the_client_used_https(
+    section: dict[str, object], hsts: bool
+) -> None:
+    async with upstream() as (url, _):
+        app = create_app(parse_config(settings(url, routes=[{"path": "/*"}], **section), environ={}))
+        # uvicorn's own proxy-header handling off: the gateway's trusted_proxies decide.
+        async with serve(app, lifespan="on", proxy_headers=False) as base, httpx.AsyncClient() as http:
+            claimed = await http.get(base + "/x", headers={"x-forwarded-proto": "https"})
+            plain = await http.get(base + "/x")
+    assert ("strict-transport-security" in claimed.headers) is hsts
+    assert ("strict-transport-security" in plain.headers) is (section == {"security": {"force_hsts": True}})
+    assert claimed.headers["x-content-type-options"] == plain.headers["x-content-type-options"] == "nosniff"
