@@ -34,7 +34,7 @@ from pydantic import (
 
 from nexus_middleware.api_keys import APIKeyRecord
 from nexus_middleware.errors import ConfigurationError
-from nexus_middleware.paths import PathPattern
+from nexus_middleware.paths import PathPattern, normalize_host
 
 __all__ = [
     "AdminConfig",
@@ -317,7 +317,12 @@ class RouteConfig(_Model):
     @field_validator("host")
     @classmethod
     def _host(cls, value: str | None) -> str | None:
-        return None if value is None else value.lower()
+        if value is None:
+            return None
+        if not value or normalize_host(value) != value.lower():
+            # Request hosts are compared without their port, so a route host with one could never match.
+            raise ValueError("must be a host name without a port (an IPv6 literal in brackets)")
+        return value.lower()
 
     @field_validator("strip_prefix", "rewrite")
     @classmethod
