@@ -37,6 +37,7 @@ __all__ = [
     "normalize_path",
     "request_host",
     "request_path",
+    "route_host",
 ]
 
 # What every layer answers when `request_path` raises: one text, whichever layer saw the path first.
@@ -164,6 +165,16 @@ def normalize_host(host: str) -> str:
     return host.partition(":")[0]
 
 
+def route_host(host: str) -> str:
+    """A route's host as requests are compared with it; `ConfigurationError` when none could match it."""
+    normalized = normalize_host(host)
+    if not normalized or normalized != host.lower():
+        raise ConfigurationError(
+            f"route host {host!r} must be a host name without a port (an IPv6 literal in brackets)"
+        )
+    return normalized
+
+
 def request_host(scope: Scope) -> str | None:
     """The request's `Host` header as `normalize_host` makes it, or None when there is none."""
     value = get_header(scope.get("headers") or (), b"host")
@@ -255,14 +266,7 @@ def _entry(entry: RouteEntry[T]) -> _Entry[T]:
     else:
         (pattern, methods, value), host = entry, None
     method_set = None if methods is None else frozenset(m.upper() for m in methods)
-    if host is not None:
-        normalized = normalize_host(host)
-        if not normalized or normalized != host.lower():
-            raise ConfigurationError(
-                f"route host {host!r} must be a host name without a port (an IPv6 literal in brackets)"
-            )
-        host = normalized
-    return _Entry(PathPattern(pattern), method_set, value, host)
+    return _Entry(PathPattern(pattern), method_set, value, None if host is None else route_host(host))
 
 
 class RouteTable(Generic[T]):

@@ -34,7 +34,7 @@ from pydantic import (
 
 from nexus_middleware.api_keys import APIKeyRecord
 from nexus_middleware.errors import ConfigurationError
-from nexus_middleware.paths import PathPattern, normalize_host
+from nexus_middleware.paths import PathPattern, route_host
 
 __all__ = [
     "AdminConfig",
@@ -319,10 +319,11 @@ class RouteConfig(_Model):
     def _host(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if not value or normalize_host(value) != value.lower():
+        try:
+            return route_host(value)
+        except ConfigurationError:
             # Request hosts are compared without their port, so a route host with one could never match.
-            raise ValueError("must be a host name without a port (an IPv6 literal in brackets)")
-        return value.lower()
+            raise ValueError("must be a host name without a port (an IPv6 literal in brackets)") from None
 
     @field_validator("strip_prefix", "rewrite")
     @classmethod
