@@ -103,7 +103,9 @@ def _describe(key: object) -> str:
 class Quota:
     """One scope a request draws on: windows, whose bucket (`key`), and where its windows come from.
 
-    - `limits`: the windows, `"10/second;1000/hour"`; `""` or `"unlimited"` means no limit.
+    - `limits`: the windows, `"10/second;1000/hour"`; `""` or `"unlimited"` means no limit. A quota needs
+      windows, plans, a resolver or a claim, unless its limits say `"unlimited"` outright: a policy of such
+      quotas matches its routes and never limits them (it keeps them from later, broader policies).
     - `key`: `"client"` (address from the trusted-proxy resolver), `"principal"` (subject),
       `"principal_or_client"`, `"tenant"`, `"api_key"` (`Principal.key_id`), `"route"` (method and matched
       pattern, the pattern after the policy's host if it has one), `"path"` (normalized, case-folded path),
@@ -133,7 +135,14 @@ class Quota:
         object.__setattr__(self, "windows", parse_windows(self.limits))
         plan_windows = {plan: parse_windows(limits) for plan, limits in self.plans.items()}
         object.__setattr__(self, "plan_windows", MappingProxyType(plan_windows))
-        if not self.windows and not self.plans and self.resolver is None and self.claim is None:
+        explicit = self.limits.strip().lower() == "unlimited"
+        if (
+            not self.windows
+            and not explicit
+            and not self.plans
+            and self.resolver is None
+            and self.claim is None
+        ):
             raise ConfigurationError(f"quota {self.name!r} has no limits, plans or resolver")
 
     @classmethod

@@ -446,6 +446,20 @@ async def test_a_route_key_counts_each_host_apart() -> None:
     assert (await call(app, "/admin/y", headers=[("host", "a.example.com")])).status == 429
 
 
+async def test_an_unlimited_policy_keeps_its_routes_from_later_policies() -> None:
+    app = limiter(
+        RateLimitPolicy("health", "unlimited", paths=("/api/health",)),
+        RateLimitPolicy("api", "1/minute", key="client", paths=("/api/*",)),
+    )
+    for _ in range(3):
+        recorded = await call(app, "/api/health")
+        assert recorded.status == 200 and recorded.header("ratelimit") is None
+    assert (await call(app, "/api/items")).status == 200
+    assert (await call(app, "/api/items")).status == 429
+    with pytest.raises(ConfigurationError, match="no limits"):
+        Quota("empty", "")
+
+
 async def test_unmatched_requests_pass_untouched() -> None:
     app = limiter(RateLimitPolicy("api", "1/minute", paths=("/api/*",)))
     for _ in range(3):
