@@ -280,7 +280,7 @@ class RouteTable(Generic[T]):
     Static patterns without a method filter are found by one dict lookup.
     """
 
-    __slots__ = ("_entries", "_hosts", "_size", "_static")
+    __slots__ = ("_entries", "_hosts", "_raw_hosts", "_size", "_static")
 
     def __init__(self, entries: Iterable[RouteEntry[T]] = ()) -> None:
         compiled = [_entry(entry) for entry in entries]
@@ -292,6 +292,11 @@ class RouteTable(Generic[T]):
             table: RouteTable[T] = RouteTable()
             table._index([entry for entry in compiled if entry.host is None or entry.host == host])
             self._hosts[host] = table
+        # The Host header as clients usually send it, already in normal form: one dict lookup, no decoding.
+        # A normal form is its own normal form, so a hit here is what normalizing would have found.
+        self._raw_hosts = {
+            host.encode("ascii"): table for host, table in self._hosts.items() if host.isascii()
+        }
 
     def _index(self, entries: list[_Entry[T]]) -> None:
         self._entries = entries
@@ -322,8 +327,13 @@ class RouteTable(Generic[T]):
         """The table this request sees, by its `Host` header, read only when some entry has a host."""
         if not self._hosts:
             return self
-        host = request_host(scope)
-        return self if host is None else self._hosts.get(host, self)
+        raw = get_header(scope.get("headers") or (), b"host")
+        if raw is None:
+            return self
+        table = self._raw_hosts.get(raw)
+        if table is not None:
+            return table
+        return self._hosts.get(normalize_host(raw.decode("latin-1")), self)
 
     def lookup(self, path: str, method: str | None = None) -> T | None:
         """The first matching value, or None (`match` without the path parameters: per-request hot path)."""

@@ -278,6 +278,17 @@ def test_route_table_without_hosts_never_reads_the_host() -> None:
     assert table.for_host("example.com") is table
 
 
+def test_route_table_non_ascii_host_is_matched_on_the_decoded_header() -> None:
+    table = RouteTable[str]([("/x", None, "umlaut", "Bücher.example"), ("/x", None, "any")])
+
+    def seen(raw: bytes) -> str | None:
+        return table.for_request({"type": "http", "headers": [(b"host", raw)]}).lookup("/x")
+
+    assert seen("bücher.example".encode("latin-1")) == "umlaut"
+    assert seen(b"b?cher.example") == "any"
+    assert seen("bücher.example".encode()) == "any"  # UTF-8 on the wire is another name
+
+
 @pytest.mark.parametrize("host", ["example.com:80", "", "::1", "[::1]:443", " example.com"])
 def test_route_table_rejects_a_host_it_could_never_match(host: str) -> None:
     with pytest.raises(ConfigurationError, match="without a port"):
