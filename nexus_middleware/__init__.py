@@ -47,7 +47,7 @@ from nexus_middleware.introspection import IntrospectionMiddleware, Introspectio
 from nexus_middleware.jwks import JWKSCache, JWKSPolicy
 from nexus_middleware.jwt_auth import JWTAuthMiddleware, JWTIssuer, JWTPolicy, RevocationList
 from nexus_middleware.metrics import MetricsApp, MetricsMiddleware, register_gauge_source
-from nexus_middleware.paths import PathPattern, RouteTable, normalize_path
+from nexus_middleware.paths import PathPattern, RouteEntry, RouteTable, normalize_host, normalize_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.ratelimit import RateLimitMiddleware
 from nexus_middleware.ratelimit_policy import Quota, RateLimitEvent, RateLimitOptions, RateLimitPolicy
@@ -118,6 +118,7 @@ __all__ = [
     "RequestIDMiddleware",
     "RevocationList",
     "RoleDef",
+    "RouteEntry",
     "RouteTable",
     "SecurityHeadersMiddleware",
     "SinkPolicy",
@@ -132,6 +133,7 @@ __all__ = [
     "get_context",
     "hash_api_key_secret",
     "inject_trace_headers",
+    "normalize_host",
     "normalize_path",
     "register_gauge_source",
     "send_problem",

@@ -7,7 +7,7 @@ from typing import Generic, Literal, TypeVar
 
 from nexus_middleware.context import get_context
 from nexus_middleware.errors import ConfigurationError, InvalidPathError
-from nexus_middleware.paths import INVALID_PATH, RouteTable, request_path
+from nexus_middleware.paths import INVALID_PATH, RouteEntry, RouteTable, request_path, route_host
 from nexus_middleware.problem import send_problem
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 
@@ -60,14 +60,25 @@ def retry_after_header(seconds: float) -> tuple[bytes, bytes]:
     return (b"retry-after", str(max(1, math.ceil(seconds))).encode())
 
 
+def _keyed(entry: RouteEntry[P | None]) -> RouteEntry[tuple[str, P | None]]:
+    # A "route" key: two hosts' entries on one pattern must not share a state (nor its policy).
+    pattern, methods, policy = entry[0], entry[1], entry[2]
+    host = entry[3] if len(entry) == 4 else None
+    if host is None:
+        return pattern, methods, (pattern, policy)
+    return pattern, methods, (route_host(host) + pattern, policy), host
+
+
 class PolicyRouter(Generic[P]):
     """Finds the policy and the state key of a request.
 
     The first matching entry of `routes` gives the policy (an entry whose policy is None leaves the route
-    unprotected); other requests get `default`. The key names the state the request shares: the matched
-    route pattern ("*" for the default), the upstream service, the tenant, one global key, or what an async
-    callable returns. A None key leaves the request unprotected. `key_policies` override the policy of the
-    keys they name (None: unprotected), so a gateway can give each upstream its own policy.
+    unprotected; an entry naming a host as a 4th element matches that host's requests only); other requests
+    get `default`. The key names the state the request shares: the matched route pattern, after the entry's
+    host if it names one (`api.example.com/admin/*`; "*" for the default), the upstream service, the tenant,
+    one global key, or what an async callable returns. A None key leaves the request unprotected.
+    `key_policies` override the policy of the keys they name (None: unprotected), so a gateway can give each
+    upstream its own policy.
     """
 
     __slots__ = ("_by_key", "_default", "_function", "_kind", "_routes")
@@ -76,13 +87,13 @@ class PolicyRouter(Generic[P]):
         self,
         key: KeySpec,
         default: P | None,
-        routes: Iterable[tuple[str, Iterable[str] | None, P | None]],
+        routes: Iterable[RouteEntry[P | None]],
         key_policies: Mapping[str, P | None] | None = None,
         *,
         policy_type: type[P],
     ) -> None:
         routes = list(routes)
-        policies = [default, *(policy for _, _, policy in routes), *(key_policies or {}).values()]
+        policies = [default, *(entry[2] for entry in routes), *(key_policies or {}).values()]
         if any(policy is not None and not isinstance(policy, policy_type) for policy in policies):
             raise ConfigurationError(f"policies must be {policy_type.__name__} instances or None")
         if isinstance(key, str):
@@ -98,7 +109,7 @@ class PolicyRouter(Generic[P]):
         self._default = default
         self._by_key = dict(key_policies or {})
         self._routes: RouteTable[tuple[str, P | None]] | None = (
-            RouteTable((pattern, methods, (pattern, policy)) for pattern, methods, policy in routes) or None
+            RouteTable(_keyed(entry) for entry in routes) or None
         )
 
     async def route(
@@ -109,7 +120,9 @@ class PolicyRouter(Generic[P]):
         pattern, policy = "*", self._default
         if self._routes is not None:
             try:
-                found = self._routes.lookup(request_path(scope), scope.get("method", "GET"))
+                found = self._routes.for_request(scope).lookup(
+                    request_path(scope), scope.get("method", "GET")
+                )
             except InvalidPathError:
                 await send_problem(scope, send, INVALID_PATH, layer=layer)
                 return None

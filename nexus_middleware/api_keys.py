@@ -36,7 +36,7 @@ from nexus_middleware.errors import (
     StorageUnavailableError,
     UnknownAPIKeyError,
 )
-from nexus_middleware.paths import INVALID_PATH, RouteTable, request_path
+from nexus_middleware.paths import INVALID_PATH, RouteEntry, RouteTable, request_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 
@@ -534,7 +534,8 @@ _CacheEntry = tuple[float, APIKeyRecord | None, Principal | None]
 class APIKeyMiddleware:
     """Authenticates requests and websocket handshakes by API key and publishes the key's `Principal`.
 
-    Route modes come from `routes` (`(pattern, methods | None, mode)`, first match wins), then the
+    Route modes come from `routes` (`(pattern, methods | None, mode)`, or with a host as a 4th element: see
+    `RouteEntry`; first match among the request host's and the host-less entries wins), then the
     `required`, `optional` and `exempt` pattern lists, in that order, then `policy.default`. On an optional
     route a missing key passes as anonymous; a key that is present must be valid everywhere.
     """
@@ -546,7 +547,7 @@ class APIKeyMiddleware:
         *,
         store: APIKeyStore,
         policy: APIKeyPolicy = APIKeyPolicy(),
-        routes: Iterable[tuple[str, Iterable[str] | None, AuthMode]] = (),
+        routes: Iterable[RouteEntry[AuthMode]] = (),
         required: Iterable[str] = (),
         optional: Iterable[str] = (),
         exempt: Iterable[str] = (),
@@ -554,10 +555,10 @@ class APIKeyMiddleware:
     ) -> None:
         if not isinstance(store, APIKeyStore):
             raise ConfigurationError("store must implement APIKeyStore (get, put, swap, records, aclose)")
-        entries: list[tuple[str, Iterable[str] | None, AuthMode]] = list(routes)
-        for _, _, mode in entries:
-            if mode not in AUTH_MODES:
-                raise ConfigurationError(f"route mode must be one of {sorted(AUTH_MODES)}, not {mode!r}")
+        entries: list[RouteEntry[AuthMode]] = list(routes)
+        for entry in entries:
+            if entry[2] not in AUTH_MODES:
+                raise ConfigurationError(f"route mode must be one of {sorted(AUTH_MODES)}, not {entry[2]!r}")
         entries += [(pattern, None, "required") for pattern in required]
         entries += [(pattern, None, "optional") for pattern in optional]
         entries += [(pattern, None, "exempt") for pattern in exempt]
@@ -591,7 +592,7 @@ class APIKeyMiddleware:
             except InvalidPathError:
                 await send_problem(scope, send, INVALID_PATH, layer="auth")
                 return
-            mode = self._routes.lookup(path, scope.get("method", "GET")) or mode
+            mode = self._routes.for_request(scope).lookup(path, scope.get("method", "GET")) or mode
         if mode == "exempt":
             await self.app(scope, receive, send)
             return

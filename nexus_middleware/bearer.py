@@ -34,7 +34,7 @@ from nexus_middleware.errors import (
     VerifierUnavailableError,
 )
 from nexus_middleware.headers import get_headers
-from nexus_middleware.paths import INVALID_PATH, RouteTable, request_path
+from nexus_middleware.paths import INVALID_PATH, RouteEntry, RouteTable, request_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 
@@ -209,7 +209,7 @@ class BearerGate:
         /,
         *,
         method: AuthMethod,
-        routes: Iterable[tuple[str, Iterable[str] | None, AuthMode]],
+        routes: Iterable[RouteEntry[AuthMode]],
         default: AuthMode,
         location: TokenLocation,
         realm: str | None,
@@ -217,9 +217,9 @@ class BearerGate:
         if default not in AUTH_MODES:
             raise ConfigurationError(f"default must be one of {sorted(AUTH_MODES)}, not {default!r}")
         entries = list(routes)
-        for _, _, mode in entries:
-            if mode not in AUTH_MODES:
-                raise ConfigurationError(f"route mode must be one of {sorted(AUTH_MODES)}, not {mode!r}")
+        for entry in entries:
+            if entry[2] not in AUTH_MODES:
+                raise ConfigurationError(f"route mode must be one of {sorted(AUTH_MODES)}, not {entry[2]!r}")
         if realm is not None and (not realm or '"' in realm or "\\" in realm):
             raise ConfigurationError("realm must be a non-empty string without quotes or backslashes")
         self.app = app
@@ -260,7 +260,7 @@ class BearerGate:
             return self._default
         # A websocket handshake is a GET (RFC 6455 §4.1), as the router, RBAC and the limiters match it: a
         # method-less lookup would take the first route on the path, perhaps a public POST-only one.
-        found = self._routes.lookup(request_path(scope), scope.get("method", "GET"))
+        found = self._routes.for_request(scope).lookup(request_path(scope), scope.get("method", "GET"))
         return self._default if found is None else found
 
     def _token(self, scope: Scope) -> bytes | None:

@@ -12,13 +12,13 @@ from typing import Any, Literal
 
 from nexus_middleware.context import get_context
 from nexus_middleware.errors import ConfigurationError, InvalidPathError, RequestBodyTooLargeError
-from nexus_middleware.paths import INVALID_PATH, RouteTable, request_path
+from nexus_middleware.paths import INVALID_PATH, RouteEntry, RouteTable, request_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["BodySizeLimitMiddleware", "RouteLimits"]
 
-RouteLimits = Mapping[str, int | None] | Sequence[tuple[str, Iterable[str] | None, int | None]]
+RouteLimits = Mapping[str, int | None] | Sequence[RouteEntry[int | None]]
 
 _LAYER = "body_limit"
 _CONTENT_LENGTH = b"content-length"
@@ -61,20 +61,20 @@ class BodySizeLimitMiddleware:
         self._max_url = _limit("max_url_length", max_url_length)
         self._routes: RouteTable[int | None] | None = None
         if route_limits:
-            entries: list[tuple[str, Iterable[str] | None, int | None]] = []
+            entries: list[RouteEntry[int | None]] = []
             if isinstance(route_limits, Mapping):
-                items: Iterable[tuple[str, Iterable[str] | None, object]] = (
-                    (pattern, None, limit) for pattern, limit in route_limits.items()
-                )
+                items: Iterable[object] = ((pattern, None, limit) for pattern, limit in route_limits.items())
             else:
                 items = route_limits
             for entry in items:
-                if not isinstance(entry, tuple) or len(entry) != 3:
-                    raise ConfigurationError("route_limits entries must be (pattern, methods or None, limit)")
-                pattern, methods, limit = entry
+                if not isinstance(entry, tuple) or len(entry) not in (3, 4):
+                    raise ConfigurationError(
+                        "route_limits entries must be (pattern, methods or None, limit[, host])"
+                    )
+                pattern, methods, limit, *host = entry
                 if isinstance(methods, str):
                     raise ConfigurationError(f"methods for {pattern!r} must be a list of methods, not a str")
-                entries.append((pattern, methods, _limit(f"the limit for {pattern!r}", limit)))
+                entries.append((pattern, methods, _limit(f"the limit for {pattern!r}", limit), *host))
             self._routes = RouteTable(entries)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -98,7 +98,7 @@ class BodySizeLimitMiddleware:
                 get_context(scope).record(_LAYER, "deny", reason="invalid_request")
                 await send_problem(scope, send, INVALID_PATH, layer=_LAYER)
                 return
-            found = self._routes.match(path, scope["method"])
+            found = self._routes.for_request(scope).match(path, scope["method"])
             if found is not None:
                 limit = found[0]
         if limit is None:

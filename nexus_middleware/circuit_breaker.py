@@ -35,6 +35,7 @@ from nexus_middleware.errors import (
     StorageError,
     StorageUnavailableError,
 )
+from nexus_middleware.paths import RouteEntry
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -531,7 +532,7 @@ class CircuitBreakerMiddleware:
         *,
         policy: BreakerPolicy | None = BreakerPolicy(),
         key: KeySpec = "route",
-        routes: Iterable[tuple[str, Iterable[str] | None, BreakerPolicy | None]] = (),
+        routes: Iterable[RouteEntry[BreakerPolicy | None]] = (),
         key_policies: Mapping[str, BreakerPolicy | None] | None = None,
         fallback: ASGIApp | None = None,
         sync: BreakerStateSync | None = None,

@@ -26,7 +26,7 @@ from nexus_middleware.clock import SYSTEM_CLOCK, Clock
 from nexus_middleware.context import RequestContext, get_context
 from nexus_middleware.errors import ConfigurationError, InvalidPathError
 from nexus_middleware.headers import get_header
-from nexus_middleware.paths import RouteTable, request_path
+from nexus_middleware.paths import RouteEntry, RouteTable, request_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -269,10 +269,10 @@ class ConcurrencyLimitMiddleware:
         *,
         policy: ConcurrencyPolicy | None = ConcurrencyPolicy(),
         key: KeySpec = "route",
-        routes: Iterable[tuple[str, Iterable[str] | None, ConcurrencyPolicy | None]] = (),
+        routes: Iterable[RouteEntry[ConcurrencyPolicy | None]] = (),
         key_policies: Mapping[str, ConcurrencyPolicy | None] | None = None,
         classify: Callable[[Scope], str | None] | None = None,
-        route_classes: Iterable[tuple[str, Iterable[str] | None, str]] = (),
+        route_classes: Iterable[RouteEntry[str]] = (),
         priority_header: str | None = None,
         max_keys: int = 1024,
         clock: Clock = SYSTEM_CLOCK,
@@ -352,7 +352,8 @@ class ConcurrencyLimitMiddleware:
                 return name
         if self._route_classes is not None:
             try:
-                name = self._route_classes.lookup(request_path(scope), scope.get("method", "GET"))
+                path = request_path(scope)
+                name = self._route_classes.for_request(scope).lookup(path, scope.get("method", "GET"))
             except InvalidPathError:
                 name = None
             if name is not None:

@@ -36,6 +36,7 @@ from nexus_middleware.bearer import (
 from nexus_middleware.clock import SYSTEM_CLOCK, Clock
 from nexus_middleware.context import Principal
 from nexus_middleware.errors import ConfigurationError, InvalidTokenError, VerifierUnavailableError
+from nexus_middleware.paths import RouteEntry
 from nexus_middleware.types import ASGIApp, Scope
 
 __all__ = ["IntrospectionMiddleware", "IntrospectionPolicy"]
@@ -87,7 +88,7 @@ class IntrospectionMiddleware(BearerGate):
         audience: str | Sequence[str] | None = None,
         claims: ClaimMapping | None = None,
         policy: IntrospectionPolicy | None = None,
-        routes: Iterable[tuple[str, Iterable[str] | None, AuthMode]] = (),
+        routes: Iterable[RouteEntry[AuthMode]] = (),
         default: AuthMode = "required",
         http_client: httpx.AsyncClient | None = None,
         clock: Clock = SYSTEM_CLOCK,

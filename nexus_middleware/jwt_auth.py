@@ -40,6 +40,7 @@ from nexus_middleware.errors import (
     VerifierUnavailableError,
 )
 from nexus_middleware.jwks import JWKSCache, JWKSPolicy
+from nexus_middleware.paths import RouteEntry
 from nexus_middleware.storage import KeyValueStore
 from nexus_middleware.types import ASGIApp, Scope
 
@@ -222,7 +223,7 @@ class JWTAuthMiddleware(BearerGate):
         *,
         issuers: Sequence[JWTIssuer],
         policy: JWTPolicy | None = None,
-        routes: Iterable[tuple[str, Iterable[str] | None, AuthMode]] = (),
+        routes: Iterable[RouteEntry[AuthMode]] = (),
         default: AuthMode = "required",
         revocation: RevocationList | None = None,
         jwks_policy: JWKSPolicy | None = None,

@@ -12,6 +12,9 @@ bypassed with `/%61dmin`, `//admin`, `/x/../admin` or `/admin%2Fusers`. The poli
 - an encoded NUL is always rejected; a stray `%` becomes `%25`; raw non-ASCII bytes are percent-encoded.
 
 Case is kept and a trailing slash is kept: both are the router's business.
+
+Hosts are compared as `normalize_host` makes them (lower-case, port dropped, an IPv6 literal in its brackets),
+read from the `Host` header by `request_host`; `RouteTable` entries may name one.
 """
 
 import re
@@ -21,15 +24,20 @@ from typing import Generic, Literal, TypeVar
 
 from nexus_middleware.context import get_context
 from nexus_middleware.errors import ConfigurationError, InvalidPathError
+from nexus_middleware.headers import get_header
 from nexus_middleware.problem import Problem
 from nexus_middleware.types import Scope
 
 __all__ = [
     "INVALID_PATH",
     "PathPattern",
+    "RouteEntry",
     "RouteTable",
+    "normalize_host",
     "normalize_path",
+    "request_host",
     "request_path",
+    "route_host",
 ]
 
 # What every layer answers when `request_path` raises: one text, whichever layer saw the path first.
@@ -148,6 +156,31 @@ def request_path(scope: Scope) -> str:
     return path
 
 
+def normalize_host(host: str) -> str:
+    """How hosts are compared: lower-case and without a port; an IPv6 literal keeps its brackets (`[::1]`)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host if end == -1 else host[: end + 1]
+    return host.partition(":")[0]
+
+
+def route_host(host: str) -> str:
+    """A route's host as requests are compared with it; `ConfigurationError` when none could match it."""
+    normalized = normalize_host(host)
+    if not normalized or normalized != host.lower():
+        raise ConfigurationError(
+            f"route host {host!r} must be a host name without a port (an IPv6 literal in brackets)"
+        )
+    return normalized
+
+
+def request_host(scope: Scope) -> str | None:
+    """The request's `Host` header as `normalize_host` makes it, or None when there is none."""
+    value = get_header(scope.get("headers") or (), b"host")
+    return None if value is None else normalize_host(value.decode("latin-1"))
+
+
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(str|int|path|uuid))?\}")
 _CONVERTERS = {
     "str": "[^/]+",
@@ -215,37 +248,92 @@ class PathPattern:
 
 T = TypeVar("T")
 
+# `(pattern, methods, value)`, or with a host as a 4th element: that entry matches requests to that host only.
+RouteEntry = tuple[str, Iterable[str] | None, T] | tuple[str, Iterable[str] | None, T, str | None]
+
 
 @dataclass(frozen=True, slots=True)
 class _Entry(Generic[T]):
     pattern: PathPattern
     methods: frozenset[str] | None
     value: T
+    host: str | None
+
+
+def _entry(entry: RouteEntry[T]) -> _Entry[T]:
+    if len(entry) == 4:
+        pattern, methods, value, host = entry
+    else:
+        (pattern, methods, value), host = entry, None
+    method_set = None if methods is None else frozenset(m.upper() for m in methods)
+    return _Entry(PathPattern(pattern), method_set, value, None if host is None else route_host(host))
 
 
 class RouteTable(Generic[T]):
     """An ordered table of `(pattern, methods) -> value`; the first matching entry wins.
 
-    `methods=None` matches every method. Static patterns without a method filter are found by one dict lookup.
+    `methods=None` matches every method. An entry may name a host as a 4th element (`RouteEntry`): it then
+    matches requests to that host only (compared as `normalize_host` makes it), and host-less entries match
+    every host. `for_request(scope)` (or `for_host(host)`) gives the table a request sees: the entries with
+    its host or none, in their order, as the gateway's router tries routes. The table's own `lookup`,
+    `match` and `allowed_methods` see the host-less entries only, as a request without a `Host` header.
+    Static patterns without a method filter are found by one dict lookup.
     """
 
-    __slots__ = ("_entries", "_static")
+    __slots__ = ("_entries", "_hosts", "_raw_hosts", "_size", "_static")
 
-    def __init__(self, entries: Iterable[tuple[str, Iterable[str] | None, T]] = ()) -> None:
-        self._entries: list[_Entry[T]] = []
-        for pattern, methods, value in entries:
-            method_set = None if methods is None else frozenset(m.upper() for m in methods)
-            self._entries.append(_Entry(PathPattern(pattern), method_set, value))
+    def __init__(self, entries: Iterable[RouteEntry[T]] = ()) -> None:
+        compiled = [_entry(entry) for entry in entries]
+        self._index([entry for entry in compiled if entry.host is None])
+        self._size = len(compiled)
+        # One table per host, built here so that a request only picks one: no filtering per request.
+        self._hosts: dict[str, RouteTable[T]] = {}
+        for host in dict.fromkeys(entry.host for entry in compiled if entry.host is not None):
+            table: RouteTable[T] = RouteTable()
+            table._index([entry for entry in compiled if entry.host is None or entry.host == host])
+            self._hosts[host] = table
+        # The Host header as clients usually send it, already in normal form: one dict lookup, no decoding.
+        # A normal form is its own normal form, so a hit here is what normalizing would have found.
+        self._raw_hosts = {
+            host.encode("ascii"): table for host, table in self._hosts.items() if host.isascii()
+        }
+
+    def _index(self, entries: list[_Entry[T]]) -> None:
+        self._entries = entries
+        self._size = len(entries)
         # Index the leading run of static, method-less entries: ordering semantics are preserved because
         # a path found there is matched by no earlier entry.
         self._static: dict[str, T] = {}
-        for entry in self._entries:
+        for entry in entries:
             if not entry.pattern.is_static or entry.methods is not None:
                 break
             self._static.setdefault(entry.pattern.pattern, entry.value)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._size
+
+    @property
+    def hosts(self) -> frozenset[str]:
+        """The hosts entries name (normalized); empty when every entry matches every host."""
+        return frozenset(self._hosts)
+
+    def for_host(self, host: str | None) -> "RouteTable[T]":
+        """The table a request to `host` sees (None: no `Host` header): its entries and the host-less ones."""
+        if host is None or not self._hosts:
+            return self
+        return self._hosts.get(normalize_host(host), self)
+
+    def for_request(self, scope: Scope) -> "RouteTable[T]":
+        """The table this request sees, by its `Host` header, read only when some entry has a host."""
+        if not self._hosts:
+            return self
+        raw = get_header(scope.get("headers") or (), b"host")
+        if raw is None:
+            return self
+        table = self._raw_hosts.get(raw)
+        if table is not None:
+            return table
+        return self._hosts.get(normalize_host(raw.decode("latin-1")), self)
 
     def lookup(self, path: str, method: str | None = None) -> T | None:
         """The first matching value, or None (`match` without the path parameters: per-request hot path)."""

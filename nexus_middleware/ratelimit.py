@@ -1,10 +1,11 @@
 """Rate limits and quotas, with the IETF `RateLimit-Policy` / `RateLimit` headers of
 draft-ietf-httpapi-ratelimit-headers-11.
 
-The first policy whose route patterns and methods match the request applies. Every quota of that policy is
-drawn on at once, all or nothing; the backend (memory or Redis) answers in one step. Admitted requests go on
-with the headers added to whatever response the inner app sends (errors included); refused ones get a 429
-`quota-exceeded` problem with `Retry-After`. When the store fails, each policy's `on_store_error` decides.
+The first policy whose route patterns, methods and host match the request applies. Every quota of that
+policy is drawn on at once, all or nothing; the backend (memory or Redis) answers in one step. Admitted
+requests go on with the headers added to whatever response the inner app sends (errors included); refused
+ones get a 429 `quota-exceeded` problem with `Retry-After`. When the store fails, each policy's
+`on_store_error` decides.
 """
 
 import base64
@@ -80,8 +81,16 @@ class _PolicySet:
         if len(set(names)) != len(names):
             raise ConfigurationError(f"policy names must be unique: {names}")
         self.policies = tuple(policies)
+        # The second item is the route a "route" key counts by: a host's policy counts apart from the others.
         self.table: RouteTable[tuple[RateLimitPolicy, str]] = RouteTable(
-            (pattern, policy.methods, (policy, pattern)) for policy in policies for pattern in policy.paths
+            (
+                pattern,
+                policy.methods,
+                (policy, pattern if policy.host is None else policy.host + pattern),
+                policy.host,
+            )
+            for policy in policies
+            for pattern in policy.paths
         )
 
 
@@ -171,11 +180,11 @@ class RateLimitMiddleware:
             await send_problem(scope, send, INVALID_PATH, layer=LAYER)
             return
         method = scope.get("method", "GET")
-        found = self._policies.table.lookup(path, method)
+        found = self._policies.table.for_request(scope).lookup(path, method)
         if found is None:
             await self._forward(scope, receive, send)
             return
-        policy, pattern = found
+        policy, route = found
         if self._exempt_paths is not None and self._exempt_paths.lookup(path) is not None:
             context.record(LAYER, "exempt", rule=policy.name, reason="path")
             await self._forward(scope, receive, send)
@@ -196,7 +205,7 @@ class RateLimitMiddleware:
             return
         cost = policy.cost if isinstance(policy.cost, int) else await policy.cost(scope)
         windows, checks = await self._checks(
-            policy, scope, principal, client, f"{method} {pattern}", path, cost
+            policy, scope, principal, client, f"{method} {route}", path, cost
         )
         if not checks:
             await self._forward(scope, receive, send)

@@ -15,7 +15,7 @@ from limits import RateLimitItem, parse_many
 
 from nexus_middleware.context import Principal
 from nexus_middleware.errors import ConfigurationError
-from nexus_middleware.paths import PathPattern
+from nexus_middleware.paths import PathPattern, route_host
 from nexus_middleware.types import Scope
 
 __all__ = [
@@ -103,11 +103,14 @@ def _describe(key: object) -> str:
 class Quota:
     """One scope a request draws on: windows, whose bucket (`key`), and where its windows come from.
 
-    - `limits`: the windows, `"10/second;1000/hour"`; `""` or `"unlimited"` means no limit.
+    - `limits`: the windows, `"10/second;1000/hour"`; `""` or `"unlimited"` means no limit. A quota needs
+      windows, plans, a resolver or a claim, unless its limits say `"unlimited"` outright: a policy of such
+      quotas matches its routes and never limits them (it keeps them from later, broader policies).
     - `key`: `"client"` (address from the trusted-proxy resolver), `"principal"` (subject),
       `"principal_or_client"`, `"tenant"`, `"api_key"` (`Principal.key_id`), `"route"` (method and matched
-      pattern), `"path"` (normalized, case-folded path), `"global"`, `"header:<name>"`, or an async
-      `KeyFunction`. A key that resolves to None (no tenant, anonymous caller) leaves the quota out.
+      pattern, the pattern after the policy's host if it has one), `"path"` (normalized, case-folded path),
+      `"global"`, `"header:<name>"`, or an async `KeyFunction`. A key that resolves to None (no tenant,
+      anonymous caller) leaves the quota out.
     - `claim`: a claim of the Principal (token claim or API-key metadata) holding this caller's windows,
       e.g. `"rate_limit": "100/minute"`; absent or invalid: the next source.
     - `plans`: windows per plan (`Principal.plan`, else the `plan` claim), overriding `limits`.
@@ -132,7 +135,14 @@ class Quota:
         object.__setattr__(self, "windows", parse_windows(self.limits))
         plan_windows = {plan: parse_windows(limits) for plan, limits in self.plans.items()}
         object.__setattr__(self, "plan_windows", MappingProxyType(plan_windows))
-        if not self.windows and not self.plans and self.resolver is None and self.claim is None:
+        explicit = self.limits.strip().lower() == "unlimited"
+        if (
+            not self.windows
+            and not explicit
+            and not self.plans
+            and self.resolver is None
+            and self.claim is None
+        ):
             raise ConfigurationError(f"quota {self.name!r} has no limits, plans or resolver")
 
     @classmethod
@@ -172,6 +182,8 @@ class RateLimitPolicy:
     - `shadow`: count and report would-be refusals without refusing.
     - `on_store_error`: `"fail_open"` (default), `"fail_closed"` (503), `"local_fallback"` (in-memory limits
       divided by `RateLimitOptions.instances`).
+    - `host`: the policy applies to requests to that host only (case-insensitive, port ignored); policies
+      without one apply to every host, and a request meets its host's policies and those, in order.
     """
 
     name: str
@@ -184,6 +196,7 @@ class RateLimitPolicy:
     cost: int | CostFunction = 1
     shadow: bool = False
     on_store_error: OutagePolicy = "fail_open"
+    host: str | None = None
     all_quotas: tuple[Quota, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -195,6 +208,8 @@ class RateLimitPolicy:
             PathPattern(pattern)
         if self.methods is not None:
             object.__setattr__(self, "methods", frozenset(m.upper() for m in self.methods))
+        if self.host is not None:
+            object.__setattr__(self, "host", route_host(self.host))
         if self.strategy not in _STRATEGIES:
             raise ConfigurationError(f"strategy must be one of {sorted(_STRATEGIES)}, not {self.strategy!r}")
         if self.on_store_error not in _OUTAGE_POLICIES:
@@ -236,6 +251,7 @@ class RateLimitPolicy:
                 "cost",
                 "shadow",
                 "on_store_error",
+                "host",
             },
             "policy",
         )
@@ -251,6 +267,7 @@ class RateLimitPolicy:
             cost=data.get("cost", 1),
             shadow=bool(data.get("shadow", False)),
             on_store_error=data.get("on_store_error", "fail_open"),
+            host=data.get("host"),
         )
 
     def to_config(self) -> dict[str, Any]:
@@ -269,6 +286,8 @@ class RateLimitPolicy:
             shadow=self.shadow,
             on_store_error=self.on_store_error,
         )
+        if self.host is not None:
+            data["host"] = self.host
         return data
 
 

@@ -71,6 +71,8 @@ class RBACRule:
     `roles`: any one of them (inheritance counts); `permissions` and `scopes`: all of them (scopes are the
     principal's token or key scopes). `tenant_param` / `tenant_header`: the principal's tenant must equal that
     path parameter / header. `public`: no principal needed. A rule with no requirement needs authentication.
+    `host`: the rule covers requests to that host only (case-insensitive, port ignored); rules without one
+    cover every host, and a request is matched against its host's rules and those, in order.
     """
 
     id: str
@@ -82,6 +84,7 @@ class RBACRule:
     tenant_param: str | None = None
     tenant_header: str | None = None
     public: bool = False
+    host: str | None = None
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -182,7 +185,8 @@ class RBACMiddleware:
             raise ConfigurationError("rule ids must be unique")
         self._check_permissions_exist(rule_list)
         self._rules: RouteTable[_CompiledRule] = RouteTable(
-            (rule.path, rule.methods, _CompiledRule(rule, PathPattern(rule.path))) for rule in rule_list
+            (rule.path, rule.methods, _CompiledRule(rule, PathPattern(rule.path)), rule.host)
+            for rule in rule_list
         )
         self._default = default
         self._shadow = shadow
@@ -279,11 +283,12 @@ class RBACMiddleware:
     def _decide(self, scope: Scope, path: str, principal: Principal | None) -> _Outcome:
         # Only the request line's method counts: X-HTTP-Method-Override and kin are never read.
         method = scope.get("method", "GET")
+        rules = self._rules.for_request(scope)
         template = route_template(scope)
-        found = self._rules.match(template, method) if template is not None else None
+        found = rules.match(template, method) if template is not None else None
         via_template = found is not None
         if found is None:
-            found = self._rules.match(path, method)
+            found = rules.match(path, method)
         authenticated = principal is not None and principal.is_authenticated
         if found is None:
             if authenticated and principal is not None:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from nexus_middleware.clock import SYSTEM_CLOCK, Clock
 from nexus_middleware.context import get_context
 from nexus_middleware.errors import ConfigurationError, DeadlineExceededError, InvalidPathError
-from nexus_middleware.paths import INVALID_PATH, RouteTable, request_path
+from nexus_middleware.paths import INVALID_PATH, RouteEntry, RouteTable, request_path
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,7 +42,11 @@ class _Responder:
 
 
 class TimeoutMiddleware:
-    """Bounds the time a request may take: `timeout` seconds, or the first matching route's value."""
+    """Bounds the time a request may take: `timeout` seconds, or the first matching route's value.
+
+    `routes` are `(pattern, methods | None, seconds | None)`, with a host as a 4th element for one host's
+    requests only (`RouteEntry`).
+    """
 
     def __init__(
         self,
@@ -50,11 +54,11 @@ class TimeoutMiddleware:
         /,
         *,
         timeout: float | None = 30.0,
-        routes: Iterable[tuple[str, Iterable[str] | None, float | None]] = (),
+        routes: Iterable[RouteEntry[float | None]] = (),
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         routes = list(routes)
-        for _, _, seconds in [("", None, timeout), *routes]:
+        for seconds in [timeout, *(entry[2] for entry in routes)]:
             if seconds is not None and (not isinstance(seconds, int | float) or seconds <= 0):
                 raise ConfigurationError(f"timeouts must be positive numbers of seconds or None: {seconds!r}")
         self.app = app
@@ -69,7 +73,7 @@ class TimeoutMiddleware:
         seconds = self._timeout
         if self._routes is not None:
             try:
-                found = self._routes.match(request_path(scope), scope.get("method", "GET"))
+                found = self._routes.for_request(scope).match(request_path(scope), scope.get("method", "GET"))
             except InvalidPathError:
                 await send_problem(scope, send, INVALID_PATH, layer="timeout")
                 return

@@ -34,7 +34,7 @@ from pydantic import (
 
 from nexus_middleware.api_keys import APIKeyRecord
 from nexus_middleware.errors import ConfigurationError
-from nexus_middleware.paths import PathPattern
+from nexus_middleware.paths import PathPattern, route_host
 
 __all__ = [
     "AdminConfig",
@@ -317,7 +317,13 @@ class RouteConfig(_Model):
     @field_validator("host")
     @classmethod
     def _host(cls, value: str | None) -> str | None:
-        return None if value is None else value.lower()
+        if value is None:
+            return None
+        try:
+            return route_host(value)
+        except ConfigurationError:
+            # Request hosts are compared without their port, so a route host with one could never match.
+            raise ValueError("must be a host name without a port (an IPv6 literal in brackets)") from None
 
     @field_validator("strip_prefix", "rewrite")
     @classmethod
@@ -579,30 +585,46 @@ def cross_check(config: GatewayConfig) -> list[tuple[str, str]]:
 
 
 _ROUTE_POLICIES = ("auth", "roles", "rate_limits", "max_body_size", "max_concurrent", "queue_size")
+_NO_POLICIES: tuple[Any, ...] = ("none", [], [], None, None, 0)
 
 
 def stack_policy_changes(previous: GatewayConfig, new: GatewayConfig) -> list[str]:
     """Per-route and per-service policies of `new` that the running middleware stack cannot adopt.
 
     The stack (authentication, RBAC, rate limits, body limit, concurrency, breakers) is built at start-up,
-    so a reload that adds or changes such a policy is refused rather than served without it. A new route
-    without policies, or a route removed, is fine.
+    so a reload that adds or changes such a policy is refused rather than served without it. A route is
+    its path, methods and host. A new route without policies is fine, and so is a route removed or moved,
+    unless a route with policies comes after it in the running config: the stack's tables keep every
+    route in order, so it would still answer, in the stack, for requests the router now gives that route.
     """
 
-    def route_policies(config: GatewayConfig) -> dict[tuple[str, tuple[str, ...] | None], tuple[Any, ...]]:
-        policies: dict[tuple[str, tuple[str, ...] | None], tuple[Any, ...]] = {}
-        for route in config.routes:
-            values = tuple(getattr(route, field) for field in _ROUTE_POLICIES)
-            if values != ("none", [], [], None, None, 0):
-                policies[(route.path, None if route.methods is None else tuple(route.methods))] = values
-        return policies
+    def key(route: RouteConfig) -> tuple[str, tuple[str, ...] | None, str | None]:
+        return route.path, None if route.methods is None else tuple(route.methods), route.host
 
-    before = route_policies(previous)
+    def policies(route: RouteConfig) -> tuple[Any, ...]:
+        return tuple(getattr(route, field) for field in _ROUTE_POLICIES)
+
+    def name(route_key: tuple[str, tuple[str, ...] | None, str | None]) -> str:
+        path, _, host = route_key
+        return f"routes {path!r}" if host is None else f"routes {path!r} on {host!r}"
+
+    before = {key(route): policies(route) for route in previous.routes}
     changed = [
-        f"routes {path!r}"
-        for (path, methods), values in route_policies(new).items()
-        if before.get((path, methods)) != values
+        name(key(route))
+        for route in new.routes
+        if policies(route) != _NO_POLICIES and before.get(key(route)) != policies(route)
     ]
+    positions = {key(route): index for index, route in enumerate(new.routes)}
+    running = [(key(route), policies(route) != _NO_POLICIES) for route in previous.routes]
+    for index, (route_key, _) in enumerate(running):
+        later = running[index + 1 :]
+        if not any(has_policies for _, has_policies in later):
+            continue
+        position = positions.get(route_key)
+        if position is None:
+            changed.append(name(route_key) + " removed")
+        elif any(positions.get(other, position) < position for other, _ in later):
+            changed.append(name(route_key) + " moved")
     breakers = {service.name: service.breaker for service in previous.services}
     changed += [
         f"services {service.name!r} breaker"

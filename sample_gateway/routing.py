@@ -91,29 +91,16 @@ class Router:
     def __init__(self, routes: Sequence[CompiledRoute], *, rng: random.Random | None = None) -> None:
         self._rng = rng if rng is not None else random.Random()
         self.routes = tuple(routes)
-        hosts = {route.config.host for route in routes if route.config.host is not None}
-        self._default = self._table(None)
-        self._by_host = {host: self._table(host) for host in hosts}
-
-    def _table(self, host: str | None) -> RouteTable[CompiledRoute]:
-        return RouteTable(
-            (route.pattern, route.config.methods, route)
-            for route in self.routes
-            if route.config.host is None or route.config.host == host
+        # One table for every host: it picks, per request, the routes with the request's host or none.
+        self._table: RouteTable[CompiledRoute] = RouteTable(
+            (route.pattern, route.config.methods, route, route.config.host) for route in self.routes
         )
 
     def __repr__(self) -> str:
-        return f"Router(routes={len(self.routes)}, hosts={sorted(self._by_host)})"
+        return f"Router(routes={len(self.routes)}, hosts={sorted(self._table.hosts)})"
 
     def resolve(self, scope: Scope, path: str) -> RouteMatch | NoRoute:
-        table = self._default
-        if self._by_host:
-            host = get_header(scope.get("headers") or (), b"host")
-            if host is not None:
-                name = host.decode("latin-1").lower()
-                if not name.startswith("["):
-                    name = name.partition(":")[0]
-                table = self._by_host.get(name, self._default)
+        table = self._table.for_request(scope)
         method = scope.get("method", "GET")
         found = table.match(path, method)
         if found is None:

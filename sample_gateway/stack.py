@@ -92,9 +92,14 @@ __all__ = ["ADMIN_STACK", "Factory", "STACK", "build_stack", "route_table", "wir
 Factory = Callable[[ASGIApp, GatewayConfig, GatewayRuntime], ASGIApp | None]
 
 
-def route_table(config: GatewayConfig, field: str) -> list[tuple[str, list[str] | None, Any]]:
-    """`(pattern, methods, value)` entries of one per-route policy, for a layer's own `RouteTable`."""
-    return [(route.path, route.methods, getattr(route, field)) for route in config.routes]
+def route_table(config: GatewayConfig, field: str) -> list[tuple[str, list[str] | None, Any, str | None]]:
+    """`(pattern, methods, value, host)` entries of one per-route policy, for a layer's own `RouteTable`.
+
+    One entry per route, in config order and with the route's host, so the entry a layer finds for a request
+    is the route the router chose: a layer must keep the entries of routes without a policy of its own too,
+    or a request to such a route would meet the next matching route's policy.
+    """
+    return [(route.path, route.methods, getattr(route, field), route.host) for route in config.routes]
 
 
 def _problem_details(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
@@ -173,12 +178,15 @@ def _security_headers(app: ASGIApp, config: GatewayConfig, runtime: GatewayRunti
 
 
 def _body_limit(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
-    routes = [entry for entry in route_table(config, "max_body_size") if entry[2] is not None]
-    if config.security.max_body_size is None and not routes:
-        return None
-    return BodySizeLimitMiddleware(
-        app, max_body_size=config.security.max_body_size, route_limits=routes or None
-    )
+    default = config.security.max_body_size
+    limits = route_table(config, "max_body_size")
+    if all(limit is None for _, _, limit, _ in limits):
+        return None if default is None else BodySizeLimitMiddleware(app, max_body_size=default)
+    # A route without a limit of its own keeps its entry, with the global limit.
+    routes = [
+        (path, methods, default if limit is None else limit, host) for path, methods, limit, host in limits
+    ]
+    return BodySizeLimitMiddleware(app, max_body_size=default, route_limits=routes)
 
 
 _AUTH_MODES: dict[str, AuthMode] = {"required": "required", "optional": "optional", "none": "exempt"}
@@ -222,8 +230,10 @@ def _auth(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIA
     # upstream; the principal's identity replaces it.
     identity = IdentityHeaders()
     runtime.header_hooks.append(lambda scope, headers: identity.apply(headers, get_context(scope).principal))
-    modes = [(path, methods, _AUTH_MODES[mode]) for path, methods, mode in route_table(config, "auth")]
-    if all(mode == "exempt" for _, _, mode in modes):
+    modes = [
+        (path, methods, _AUTH_MODES[mode], host) for path, methods, mode, host in route_table(config, "auth")
+    ]
+    if all(mode == "exempt" for _, _, mode, _ in modes):
         return None
     source = config.auth.api_keys
     if source is not None:
@@ -236,7 +246,8 @@ def _auth(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIA
             # Outside the API-key layer, the JWT layer never refuses a missing token: the key layer below
             # answers for the route (it lets an authenticated JWT principal through untouched).
             modes = [
-                (path, methods, "exempt" if mode == "exempt" else "optional") for path, methods, mode in modes
+                (path, methods, "exempt" if mode == "exempt" else "optional", host)
+                for path, methods, mode, host in modes
             ]
         app = _jwt(app, config, runtime, routes=modes, default="exempt")
     return app
@@ -245,26 +256,38 @@ def _auth(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIA
 def _rate_limit_policies(
     config: GatewayConfig, policies: dict[str, RateLimitPolicyConfig]
 ) -> list[RateLimitPolicy]:
-    """One limiter policy per route that draws on named policies, each named policy one shared quota."""
+    """One limiter policy per route, with the route's host, each named policy one shared quota.
+
+    A route that draws on none gets an unlimited policy while another route draws on some: a request to it
+    must not meet the next matching route's limits.
+    """
     outage = _OUTAGE[config.rate_limits.on_storage_error]
+    drawn = [route.rate_limits or config.rate_limits.default for route in config.routes]
+    if not any(drawn):
+        return []
     result: list[RateLimitPolicy] = []
-    for index, route in enumerate(config.routes):
-        names = route.rate_limits or config.rate_limits.default
+    for index, (route, names) in enumerate(zip(config.routes, drawn, strict=True)):
+        label = route.name or f"route-{index}"
+        methods = None if route.methods is None else frozenset(route.methods)
         if not names:
+            result.append(
+                RateLimitPolicy(label, "unlimited", paths=(route.path,), methods=methods, host=route.host)
+            )
             continue
         chosen = [policies[name] for name in names]
         result.append(
             RateLimitPolicy(
-                route.name or f"route-{index}",
+                label,
                 quotas=tuple(
                     Quota(name, ";".join(policy.limits), key=policy.key)
                     for name, policy in zip(names, chosen, strict=True)
                 ),
                 paths=(route.path,),
-                methods=None if route.methods is None else frozenset(route.methods),
+                methods=methods,
                 cost=max(policy.cost for policy in chosen),
                 shadow=all(policy.shadow for policy in chosen),
                 on_store_error=outage,
+                host=route.host,
             )
         )
     return result
@@ -307,12 +330,21 @@ def _rate_limits(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -
 
 
 def _rbac(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
+    if not any(route.roles for route in config.routes):
+        return None
+    # A route without roles is a public rule, not a missing one: else it would meet the next route's roles.
     rules = [
-        RBACRule(route.name or f"routes[{index}]", route.path, methods=route.methods, roles=route.roles)
+        RBACRule(
+            route.name or f"routes[{index}]",
+            route.path,
+            methods=route.methods,
+            roles=route.roles,
+            public=not route.roles,
+            host=route.host,
+        )
         for index, route in enumerate(config.routes)
-        if route.roles
     ]
-    return RBACMiddleware(app, rules=rules, default="allow") if rules else None
+    return RBACMiddleware(app, rules=rules, default="allow")
 
 
 def _breakers(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
@@ -343,17 +375,20 @@ def _breakers(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> A
 
 
 def _overload(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
+    if all(route.max_concurrent is None for route in config.routes):
+        return None
+    # A route without a cap keeps its entry, unprotected (None), rather than share the next route's bulkhead.
     routes = [
         (
             route.path,
             route.methods,
-            ConcurrencyPolicy(max_concurrent=route.max_concurrent, queue_size=route.queue_size),
+            None
+            if route.max_concurrent is None
+            else ConcurrencyPolicy(max_concurrent=route.max_concurrent, queue_size=route.queue_size),
+            route.host,
         )
         for route in config.routes
-        if route.max_concurrent is not None
     ]
-    if not routes:
-        return None
     return ConcurrencyLimitMiddleware(app, policy=None, key="route", routes=routes, clock=runtime.clock)
 
 

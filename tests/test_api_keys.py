@@ -193,6 +193,36 @@ async def test_route_modes(
         assert (None if seen is None else seen.method) == principal
 
 
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("public.example.com", 200),
+        ("internal.example.com", 401),
+        ("INTERNAL.example.com:443", 401),
+        (None, 200),
+    ],
+)
+async def test_route_modes_follow_the_host(
+    manual_clock: ManualClock, host: str | None, expected: int
+) -> None:
+    app = PrincipalApp()
+    middleware = APIKeyMiddleware(
+        app,
+        store=MemoryAPIKeyStore(),
+        routes=[
+            ("/admin/*", None, "exempt", "public.example.com"),
+            ("/admin/*", None, "required", "internal.example.com"),
+            ("/admin/*", None, "exempt"),
+        ],
+        clock=manual_clock,
+    )
+    recorded = await run_asgi(
+        middleware, make_scope("/admin/x", headers=[] if host is None else [("host", host)])
+    )
+    assert recorded.status == expected
+    assert len(app.principals) == (1 if expected == 200 else 0)
+
+
 async def test_optional_route_still_refuses_an_invalid_key(manual_clock: ManualClock) -> None:
     store = MemoryAPIKeyStore()
     key = await issue(store, manual_clock)

@@ -261,6 +261,33 @@ async def test_route_limits(route_limits: Any, path: str, method: str, size: int
     assert recorded.status == status
 
 
+HOST_LIMITS = [
+    ("/upload", None, 100, "uploads.example.com"),
+    ("/upload", ["PUT"], None, "internal.example.com"),
+    ("/upload", None, 20),
+]
+
+
+@pytest.mark.parametrize(
+    ("host", "method", "size", "status"),
+    [
+        ("uploads.example.com", "POST", 100, 200),
+        ("Uploads.Example.com:8080", "POST", 101, 413),
+        ("internal.example.com", "PUT", 10_000, 200),
+        ("internal.example.com", "POST", 21, 413),  # the method misses its entry: the host-less one
+        ("other.example.com", "POST", 21, 413),
+        (None, "POST", 20, 200),
+    ],
+)
+async def test_route_limits_follow_the_host(host: str | None, method: str, size: int, status: int) -> None:
+    middleware = BodySizeLimitMiddleware(EchoApp(), max_body_size=10, route_limits=HOST_LIMITS)
+    headers = [("content-length", str(size))] + ([] if host is None else [("host", host)])
+    recorded = await run_asgi(
+        middleware, make_scope("/upload", method=method, headers=headers), body=[b"x" * size]
+    )
+    assert recorded.status == status
+
+
 async def test_unlimited_route_streams_any_size() -> None:
     app = EchoApp()
     middleware = BodySizeLimitMiddleware(app, max_body_size=1, route_limits={"/upload": None})

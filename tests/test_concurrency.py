@@ -380,6 +380,36 @@ async def test_limits_per_tenant_and_per_route() -> None:
     assert [r.status for r in results] == [200, 503, 200, 200, 200]
 
 
+async def test_host_entries_get_their_own_policy_and_bulkhead() -> None:
+    inner = Held()
+    app = ConcurrencyLimitMiddleware(
+        inner,
+        policy=None,
+        routes=[
+            ("/api", None, ConcurrencyPolicy(max_concurrent=1), "internal.example.com"),
+            ("/api", None, ConcurrencyPolicy(max_concurrent=4, classes=TIERS, default_class="normal")),
+        ],
+        route_classes=[("/api", None, "low", "batch.example.com")],
+    )
+
+    def at(host: str) -> Scope:
+        return make_scope("/api", headers=[("host", host)])
+
+    internal = [asyncio.create_task(run_asgi(app, at("Internal.example.com:443"))) for _ in range(2)]
+    public = [asyncio.create_task(run_asgi(app, at("public.example.com"))) for _ in range(2)]
+    await settle()
+    assert inner.entered == 3  # one internal (its own limit of 1), two public (the host-less policy)
+    assert set(app.states()) == {"internal.example.com/api", "/api"}
+    assert app.states()["internal.example.com/api"].limit == 1
+    batch = at("batch.example.com")
+    assert (await run_asgi(app, batch)).status == 503  # "low" may use 2 of the 4 slots: its host's class
+    decision = get_context(batch).decision("concurrency")
+    assert decision is not None and dict(decision.details) == {"key": "/api", "priority": "low"}
+    inner.gate.set()
+    results = await asyncio.gather(*internal, *public)
+    assert [r.status for r in results] == [200, 503, 200, 200]
+
+
 async def test_key_policies_give_a_tenant_its_own_limit() -> None:
     inner = Held()
     app = ConcurrencyLimitMiddleware(

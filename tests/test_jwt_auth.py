@@ -440,6 +440,32 @@ async def test_route_modes_required_optional_exempt(ec_key: ECKey, clock: Manual
     assert encoded.status == 401  # matched on the normalized path: no bypass through dot segments
 
 
+HOST_ROUTES: list[tuple[str, list[str] | None, str, str | None]] = [
+    ("/admin/*", None, "exempt", "public.example.com"),
+    ("/admin/*", None, "required", "internal.example.com"),
+    ("/admin/*", None, "optional", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("host", "status", "method"),
+    [
+        ("public.example.com", 200, None),  # exempt: no principal
+        ("internal.example.com", 401, None),
+        ("Internal.Example.com:8443", 401, None),
+        ("other.example.com", 200, "anonymous"),  # the host-less entry
+    ],
+)
+async def test_route_modes_follow_the_host(
+    ec_key: ECKey, clock: ManualClock, host: str, status: int, method: str | None
+) -> None:
+    app = middleware(issuer_for(ec_key), clock, routes=HOST_ROUTES, default="exempt")
+    response = await call(app, None, "/admin/x", headers=[("host", host)])
+    assert response.status == status
+    if status == 200:
+        assert (None if response.json() is None else response.json()["method"]) == method
+
+
 async def test_default_optional_and_invalid_path(ec_key: ECKey, clock: ManualClock) -> None:
     app = middleware(issuer_for(ec_key), clock, default="optional", routes=[("/admin/*", None, "required")])
     assert (await call(app, None, "/")).json()["method"] == "anonymous"

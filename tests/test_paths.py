@@ -1,11 +1,20 @@
 import re
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from nexus_middleware.errors import ConfigurationError, InvalidPathError
-from nexus_middleware.paths import PathPattern, RouteTable, _is_clean, normalize_path, request_path
+from nexus_middleware.paths import (
+    PathPattern,
+    RouteTable,
+    _is_clean,
+    normalize_host,
+    normalize_path,
+    request_host,
+    request_path,
+)
 from tests.support.asgi import make_scope
 
 
@@ -186,6 +195,124 @@ def test_lookup_is_the_value_match_finds(path: str, method: str | None) -> None:
     )
     found = table.match(path, method)
     assert table.lookup(path, method) == (None if found is None else found[0])
+
+
+def _hosted_table() -> RouteTable[str]:
+    return RouteTable[str](
+        [
+            ("/health", None, "health"),
+            ("/docs", None, "internal-docs", "internal.example.com"),  # in the static run: a dict lookup
+            ("/docs", None, "docs"),
+            ("/admin/*", None, "public-admin", "public.example.com"),
+            ("/admin/*", None, "internal-admin", "Internal.Example.COM"),
+            ("/admin/*", None, "any-admin"),
+            ("/ui", None, "v6-ui", "[::1]"),
+            ("/ui", None, "ui"),
+            ("/users/{id}", ["PUT"], "internal-write", "internal.example.com"),
+            ("/users/{id}", None, "users"),
+            ("/late", None, "late"),  # a host-less entry before a host's one wins for that host too
+            ("/late", None, "internal-late", "internal.example.com"),
+            ("/hooks", ["POST"], "internal-hooks", "internal.example.com"),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "method", "path", "expected"),
+    [
+        ("public.example.com", "GET", "/admin/x", "public-admin"),
+        ("internal.example.com", "GET", "/admin/x", "internal-admin"),
+        ("INTERNAL.example.com", "GET", "/admin", "internal-admin"),  # case-insensitive, entry's case too
+        ("internal.example.com:8443", "GET", "/admin/x", "internal-admin"),  # port ignored
+        ("other.example.com", "GET", "/admin/x", "any-admin"),  # no entry for the host: host-less ones
+        (None, "GET", "/admin/x", "any-admin"),  # no Host header: host-less entries only
+        ("", "GET", "/admin/x", "any-admin"),
+        ("[::1]", "GET", "/ui", "v6-ui"),
+        ("[::1]:8080", "GET", "/ui", "v6-ui"),  # IPv6 literal kept in its brackets, port dropped
+        ("[::2]:8080", "GET", "/ui", "ui"),
+        ("::1", "GET", "/ui", "ui"),  # not a bracketed literal: never the [::1] entry
+        ("internal.example.com", "PUT", "/users/7", "internal-write"),
+        ("internal.example.com", "GET", "/users/7", "users"),  # method filter, then the host-less entry
+        ("public.example.com", "PUT", "/users/7", "users"),
+        ("internal.example.com", "GET", "/docs", "internal-docs"),  # static fast path, per host
+        ("public.example.com", "GET", "/docs", "docs"),
+        (None, "GET", "/docs", "docs"),
+        ("internal.example.com", "GET", "/health", "health"),
+        ("internal.example.com", "GET", "/late", "late"),  # first match wins across host and host-less
+        ("internal.example.com", "POST", "/hooks", "internal-hooks"),
+        ("public.example.com", "POST", "/hooks", None),
+        ("internal.example.com", "GET", "/nowhere", None),
+    ],
+)
+def test_route_table_hosts(host: str | None, method: str, path: str, expected: str | None) -> None:
+    table = _hosted_table()
+    headers = [] if host is None else [("host", host)]
+    chosen = table.for_request(make_scope(path, method=method, headers=headers))
+    assert chosen.lookup(path, method) == expected
+    found = chosen.match(path, method)
+    assert (None if found is None else found[0]) == expected
+    assert table.for_host(host).lookup(path, method) == expected
+
+
+def test_route_table_host_allowed_methods_and_size() -> None:
+    table = _hosted_table()
+    assert len(table) == 13
+    assert table.hosts == {"internal.example.com", "public.example.com", "[::1]"}
+    assert table.for_host("internal.example.com").allowed_methods("/hooks") == {"POST"}
+    assert table.for_host("public.example.com").allowed_methods("/hooks") == frozenset()  # a 404, not a 405
+    assert table.allowed_methods("/hooks") == frozenset()
+    assert table.for_host("internal.example.com").match("/users/7", "PUT") == ("internal-write", {"id": "7"})
+
+
+class _Untouchable(list[tuple[bytes, bytes]]):
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        raise AssertionError("the headers were read")
+
+
+def test_route_table_without_hosts_never_reads_the_host() -> None:
+    table = RouteTable[str]([("/admin/*", None, "admin")])
+    scope = make_scope("/admin")
+    scope["headers"] = _Untouchable()
+    assert table.hosts == frozenset()
+    assert table.for_request(scope) is table
+    assert table.for_host("example.com") is table
+
+
+def test_route_table_non_ascii_host_is_matched_on_the_decoded_header() -> None:
+    table = RouteTable[str]([("/x", None, "umlaut", "Bücher.example"), ("/x", None, "any")])
+
+    def seen(raw: bytes) -> str | None:
+        return table.for_request({"type": "http", "headers": [(b"host", raw)]}).lookup("/x")
+
+    assert seen("bücher.example".encode("latin-1")) == "umlaut"
+    assert seen(b"b?cher.example") == "any"
+    assert seen("bücher.example".encode()) == "any"  # UTF-8 on the wire is another name
+
+
+@pytest.mark.parametrize("host", ["example.com:80", "", "::1", "[::1]:443", " example.com"])
+def test_route_table_rejects_a_host_it_could_never_match(host: str) -> None:
+    with pytest.raises(ConfigurationError, match="without a port"):
+        RouteTable[str]([("/x", None, "x", host)])
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Example.COM", "example.com"),
+        ("example.com:8080", "example.com"),
+        ("[2001:DB8::1]:443", "[2001:db8::1]"),
+        ("[::1]", "[::1]"),
+        ("[::1", "[::1"),
+        ("", ""),
+    ],
+)
+def test_normalize_host(raw: str, expected: str) -> None:
+    assert normalize_host(raw) == expected
+    assert request_host(make_scope(headers=[("host", raw)])) == expected
+
+
+def test_request_host_without_header() -> None:
+    assert request_host(make_scope()) is None
 
 
 @given(st.text(alphabet="/.a%2F5\\:@-_~", max_size=12))

@@ -413,6 +413,53 @@ async def test_routes_and_methods_select_the_policy() -> None:
     assert (await call(app, "/users/3", client="198.51.100.4")).status == 429
 
 
+async def test_the_host_selects_the_policy() -> None:
+    app = limiter(
+        RateLimitPolicy(
+            "internal", "1/minute", key="client", paths=("/admin/*",), host="Internal.Example.com"
+        ),
+        RateLimitPolicy("public", "3/minute", key="client", paths=("/admin/*",), host="public.example.com"),
+        RateLimitPolicy("default", "100/minute", key="client"),
+    )
+
+    def at(host: str) -> list[tuple[str, str]]:
+        return [("host", host)]
+
+    assert quota_policies(await call(app, "/admin/x", headers=at("internal.example.com:8443"))).keys() == {
+        "internal"
+    }
+    assert (await call(app, "/admin/x", headers=at("INTERNAL.example.com"))).status == 429
+    assert quota_policies(await call(app, "/admin/x", headers=at("public.example.com"))).keys() == {"public"}
+    assert (await call(app, "/admin/x", headers=at("public.example.com"))).status == 200
+    assert quota_policies(await call(app, "/admin/x", headers=at("other.example.com"))).keys() == {"default"}
+    assert quota_policies(await call(app, "/admin/x")).keys() == {"default"}  # no Host header
+
+
+async def test_a_route_key_counts_each_host_apart() -> None:
+    shared = Quota("per-route", "1/minute", key="route")
+    app = limiter(
+        RateLimitPolicy("a", quotas=(shared,), paths=("/admin/*",), host="a.example.com"),
+        RateLimitPolicy("b", quotas=(shared,), paths=("/admin/*",), host="b.example.com"),
+    )
+    assert (await call(app, "/admin/x", headers=[("host", "a.example.com")])).status == 200
+    assert (await call(app, "/admin/x", headers=[("host", "b.example.com")])).status == 200
+    assert (await call(app, "/admin/y", headers=[("host", "a.example.com")])).status == 429
+
+
+async def test_an_unlimited_policy_keeps_its_routes_from_later_policies() -> None:
+    app = limiter(
+        RateLimitPolicy("health", "unlimited", paths=("/api/health",)),
+        RateLimitPolicy("api", "1/minute", key="client", paths=("/api/*",)),
+    )
+    for _ in range(3):
+        recorded = await call(app, "/api/health")
+        assert recorded.status == 200 and recorded.header("ratelimit") is None
+    assert (await call(app, "/api/items")).status == 200
+    assert (await call(app, "/api/items")).status == 429
+    with pytest.raises(ConfigurationError, match="no limits"):
+        Quota("empty", "")
+
+
 async def test_unmatched_requests_pass_untouched() -> None:
     app = limiter(RateLimitPolicy("api", "1/minute", paths=("/api/*",)))
     for _ in range(3):
@@ -756,6 +803,10 @@ def test_policies_from_and_to_plain_config() -> None:
     assert policy.all_quotas[1].plan_windows["pro"][0].amount == 1000
     assert RateLimitPolicy.from_config(policy.to_config()) == policy
     assert policy.to_config()["methods"] == ["GET", "POST"]
+    hosted = RateLimitPolicy.from_config({**config, "host": "API.example.com"})
+    assert hosted.host == "api.example.com"
+    assert hosted.to_config()["host"] == "api.example.com"
+    assert RateLimitPolicy.from_config(hosted.to_config()) == hosted
     minimal = RateLimitPolicy.from_config({"name": "all", "limits": "5/minute"})
     assert minimal.to_config() == {
         "name": "all",
@@ -789,6 +840,7 @@ def test_policies_from_and_to_plain_config() -> None:
         {"name": "api", "quotas": [{"name": "q", "limits": "1/second", "scope": "x"}]},
         {"name": "api", "quotas": ["1/second"]},
         {"name": "api", "limits": "1/second", "strategy": "leaky"},
+        {"name": "api", "limits": "1/second", "host": "api.example.com:443"},  # a host no request matches
     ],
 )
 def test_invalid_plain_config_is_refused(config: dict[str, Any]) -> None:

@@ -234,6 +234,32 @@ async def test_shadow_mode_records_but_never_blocks() -> None:
     assert get_context(scope).decision("rbac").outcome == "allow"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize(
+    ("host", "roles", "expected", "rule"),
+    [
+        ("internal.example.com", (), 403, "internal-admin"),
+        ("internal.example.com", ("admin",), 200, "internal-admin"),
+        ("Internal.Example.com:8443", ("viewer",), 403, "internal-admin"),
+        ("public.example.com", (), 200, "public-admin"),
+        ("other.example.com", ("viewer",), 200, "any-admin"),
+        (None, (), 200, "any-admin"),
+    ],
+)
+async def test_rules_follow_the_host(
+    host: str | None, roles: tuple[str, ...], expected: int, rule: str
+) -> None:
+    rules = [
+        RBACRule("public-admin", "/admin/*", public=True, host="public.example.com"),
+        RBACRule("internal-admin", "/admin/*", roles=("admin",), host="internal.example.com"),
+        RBACRule("any-admin", "/admin/*"),
+    ]
+    status, scope = await call(
+        user(*roles), "/admin/users", headers=[] if host is None else [("host", host)], rules=rules
+    )
+    assert status == expected
+    assert get_context(scope).decision("rbac").rule == rule  # type: ignore[union-attr]
+
+
 async def test_template_match_takes_tenant_from_the_real_path() -> None:
     async def routed(scope: Scope, receive: Receive, send: Send) -> None:
         get_context(scope).route = "/orgs/{org_id}/items"  # as a router-aware layer would record it

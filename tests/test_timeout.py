@@ -146,6 +146,18 @@ async def test_per_route_deadlines() -> None:
         await unbounded
 
 
+async def test_per_route_deadlines_follow_the_host() -> None:
+    app = TimeoutMiddleware(Stalls(), timeout=None, routes=[("/reports", None, TICK, "internal.example.com")])
+    internal = make_scope("/reports", headers=[("host", "internal.example.com:8443")])
+    assert (await run_asgi(app, internal)).status == 504
+    unbounded = asyncio.create_task(run_asgi(app, make_scope("/reports", headers=[("host", "example.com")])))
+    await asyncio.sleep(TICK * 2)
+    assert not unbounded.done()
+    unbounded.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await unbounded
+
+
 async def test_the_apps_own_timeout_error_is_not_a_deadline() -> None:
     async def raises_timeout(scope: Scope, receive: Receive, send: Send) -> None:
         raise TimeoutError("database timeout")

@@ -10,7 +10,7 @@ import pytest
 from nexus_middleware.context import Principal, publish_principal
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 from sample_gateway.app import GatewayEdge, create_app
-from sample_gateway.config import load_config, parse_config
+from sample_gateway.config import GatewayConfig, load_config, parse_config, stack_policy_changes
 from sample_gateway.registry import MemoryRegistryStore
 from sample_gateway.runtime import GatewayRuntime
 from tests.support.asgi import make_scope, run_asgi
@@ -278,3 +278,39 @@ async def test_a_reload_that_changes_a_stack_policy_is_refused(change: dict[str,
         accepted = await http.post("/_admin/reload", headers=AUTH, content=plain)
     assert refused.status_code == 409 and refused.json()["changed"] == [changed]
     assert accepted.status_code == 200 and runtime.config is not running
+
+
+def _routes(*routes: dict[str, Any]) -> GatewayConfig:
+    return parse_config(config_data(routes=list(routes), auth={"api_keys": {"keys": []}}), environ={})
+
+
+INTERNAL = {"path": "/admin/*", "host": "internal.example.com", "service": "users", "auth": "required"}
+PUBLIC = {"path": "/admin/*", "host": "public.example.com", "service": "users"}
+CATCH_ALL = {"path": "/*", "service": "users", "auth": "required"}
+OPEN = {"path": "/open", "service": "users"}
+
+
+@pytest.mark.parametrize(
+    ("running", "new", "changed"),
+    [
+        ([INTERNAL], [INTERNAL, PUBLIC], []),  # a new route without policies
+        (
+            [INTERNAL],
+            [{**INTERNAL, "host": "public.example.com"}],
+            ["routes '/admin/*' on 'public.example.com'"],
+        ),
+        (
+            [PUBLIC, INTERNAL],
+            [{**PUBLIC, "auth": "required"}, INTERNAL],
+            ["routes '/admin/*' on 'public.example.com'"],
+        ),
+        ([OPEN, CATCH_ALL], [CATCH_ALL], ["routes '/open' removed"]),  # the stack would keep /open open
+        ([OPEN, CATCH_ALL], [CATCH_ALL, OPEN], ["routes '/open' moved"]),
+        ([CATCH_ALL, OPEN], [CATCH_ALL], []),  # no route with policies after it
+        ([OPEN, CATCH_ALL], [OPEN, INTERNAL, CATCH_ALL], ["routes '/admin/*' on 'internal.example.com'"]),
+    ],
+)
+def test_stack_policy_changes_see_hosts_and_route_order(
+    running: list[dict[str, Any]], new: list[dict[str, Any]], changed: list[str]
+) -> None:
+    assert stack_policy_changes(_routes(*running), _routes(*new)) == changed

@@ -113,6 +113,11 @@ def test_the_example_config_wires_every_layer_it_configures() -> None:
         ({"services": [{"name": "users"}, {"name": "users"}]}, "services[1].name", "duplicate service name"),
         ({"routes": [{"path": "/x", "service": "nope"}]}, "routes[0].service", "unknown service 'nope'"),
         ({"routes": [{"path": "x", "service": "users"}]}, "routes[0].path", "must start with '/'"),
+        (
+            {"routes": [{"path": "/x", "host": "api.example.com:8443", "service": "users"}]},
+            "routes[0].host",
+            "without a port",
+        ),
         ({"routes": [{"path": "/x"}]}, "routes[0]", "exactly one of service or split"),
         (
             {"routes": [{"path": "/x", "service": "users", "methods": ["GRAB"]}]},

@@ -240,3 +240,88 @@ async def test_hsts_only_when_a_trusted_proxy_says_the_client_used_https(
     assert ("strict-transport-security" in claimed.headers) is hsts
     assert ("strict-transport-security" in plain.headers) is (section == {"security": {"force_hsts": True}})
     assert claimed.headers["x-content-type-options"] == plain.headers["x-content-type-options"] == "nosniff"
+
+
+def two_services(public_url: str, internal_url: str, **sections: object) -> dict[str, object]:
+    """The bypass scenario: one path on two hosts, each routed to its own service with its own auth."""
+    data = settings(
+        public_url,
+        routes=[
+            {"path": "/admin/*", "host": "public.example.com", "auth": "none"},
+            {"path": "/admin/*", "host": "internal.example.com", "auth": "required"},
+        ],
+        **sections,
+    )
+    internal = {**data["services"][0], "name": "internal", "targets": [{"url": internal_url, "id": "t1"}]}
+    data["services"].append(internal)
+    data["routes"][1]["service"] = "internal"
+    return data
+
+
+PUBLIC_HOST = {"host": "public.example.com"}
+INTERNAL_HOST = {"host": "Internal.Example.com:8443"}  # the router's spelling rules: case and port ignored
+
+
+async def test_an_internal_host_route_keeps_its_api_key_auth_on_a_path_a_public_host_leaves_open() -> None:
+    record = {"key_id": KEY_ID, "secret_hash": hash_api_key_secret(KEY_SECRET), "owner": "billing-bot"}
+    auth = {"api_keys": {"header": "x-api-key", "keys": [record]}}
+    async with (
+        upstream() as (public_url, public),
+        upstream() as (internal_url, internal),
+        gateway(two_services(public_url, internal_url, auth=auth)) as http,
+    ):
+        refused = await http.get("/admin/x", headers=INTERNAL_HOST)
+        opened = await http.get("/admin/x", headers=PUBLIC_HOST)
+        keyed = await http.get("/admin/y", headers={**INTERNAL_HOST, "x-api-key": API_KEY})
+    assert refused.status_code == 401 and refused.headers["content-type"] == "application/problem+json"
+    assert opened.status_code == 200 and keyed.status_code == 200
+    assert public.received == [("GET", "/admin/x")]
+    assert internal.received == [("GET", "/admin/y")]  # the refused request never reached it
+
+
+async def test_an_internal_host_route_keeps_its_jwt_auth_on_a_path_a_public_host_leaves_open(
+    signing_key: ECKey,
+) -> None:
+    async with (
+        upstream() as (public_url, public),
+        upstream() as (internal_url, internal),
+        identity_provider(signing_key) as auth,
+        gateway(two_services(public_url, internal_url, auth=auth)) as http,
+    ):
+        refused = await http.get("/admin/x", headers=INTERNAL_HOST)
+        opened = await http.get("/admin/x", headers=PUBLIC_HOST)
+        signed = await http.get("/admin/y", headers={**INTERNAL_HOST, **token(signing_key)})
+    assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Bearer")
+    assert opened.status_code == 200 and signed.status_code == 200
+    assert public.received == [("GET", "/admin/x")]
+    assert internal.received == [("GET", "/admin/y")]
+
+
+async def test_rate_and_body_limits_follow_the_host_the_route_was_chosen_by() -> None:
+    routes = [
+        {"path": "/api/*", "host": "internal.example.com", "rate_limits": ["internal"], "max_body_size": 10},
+        {"path": "/api/*", "host": "public.example.com"},  # no limits: never the next route's
+        {"path": "/api/*", "rate_limits": ["rest"], "max_body_size": 12},
+    ]
+    policies = {"internal": {"limits": ["1/minute"], "key": "client"}, "rest": {"limits": ["2/minute"]}}
+    async with (
+        upstream() as (url, app),
+        gateway(settings(url, routes=routes, rate_limits={"policies": policies})) as http,
+    ):
+
+        async def run(host: str) -> tuple[list[int], int, bool]:
+            body = await http.post("/api/upload", headers={"host": host}, content=b"x" * 15)
+            answers = [await http.get("/api/items", headers={"host": host}) for _ in range(3)]
+            return (
+                [answer.status_code for answer in answers],
+                body.status_code,
+                "ratelimit" in answers[0].headers,
+            )
+
+        internal = await run("internal.example.com")
+        public = await run("PUBLIC.example.com")
+        other = await run("other.example.com")
+    assert internal == ([200, 429, 429], 413, True)
+    assert public == ([200, 200, 200], 200, False)
+    assert other == ([200, 200, 429], 413, True)
+    assert len(app.received) == 1 + (1 + 3) + 2  # refusals never reach the upstream

@@ -76,5 +76,39 @@ def test_the_table_lists_every_concern_outermost_first() -> None:
 
 def test_route_table_feeds_per_route_policies() -> None:
     cfg = config()
-    assert route_table(cfg, "max_body_size") == [("/upload", ["POST"], 100), ("/*", None, None)]
-    assert route_table(cfg, "auth") == [("/upload", ["POST"], "required"), ("/*", None, "none")]
+    assert route_table(cfg, "max_body_size") == [("/upload", ["POST"], 100, None), ("/*", None, None, None)]
+    assert route_table(cfg, "auth") == [("/upload", ["POST"], "required", None), ("/*", None, "none", None)]
+
+
+async def test_a_route_without_policies_never_meets_the_next_matching_routes() -> None:
+    cfg = parse_config(
+        {
+            "services": [{"name": "s", "targets": [{"url": "http://127.0.0.1:9001"}]}],
+            "routes": [
+                {"path": "/ops/status", "service": "s"},
+                {
+                    "path": "/ops/*",
+                    "service": "s",
+                    "auth": "required",
+                    "roles": ["ops"],
+                    "max_body_size": 5,
+                    "max_concurrent": 1,
+                    "rate_limits": ["tight"],
+                },
+            ],
+            "admin": {"api_keys": ["k"]},
+            "auth": {"api_keys": {"keys": []}},
+            "rate_limits": {"policies": {"tight": {"limits": ["1/minute"], "key": "client"}}},
+        },
+        environ={},
+    )
+    runtime = GatewayRuntime(cfg, registry_store=MemoryRegistryStore())
+    app = build_stack(ok_app, cfg, runtime)
+    for _ in range(3):
+        scope = make_scope("/ops/status", method="POST", headers=[("content-length", "10")])
+        recorded = await run_asgi(app, scope, body=[b"x" * 10])
+        assert recorded.status == 200  # no 413, 401, 403 or 429 from /ops/*'s policies
+        assert recorded.header("ratelimit") is None
+    assert (await run_asgi(app, make_scope("/ops/deploy"))).status == 401
+    big = make_scope("/ops/deploy", method="POST", headers=[("content-length", "10")])
+    assert (await run_asgi(app, big, body=[b"x" * 10])).status == 413
