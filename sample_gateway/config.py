@@ -575,37 +575,42 @@ def cross_check(config: GatewayConfig) -> list[tuple[str, str]]:
     return problems
 
 
-_ROUTE_POLICIES = ("auth", "roles", "rate_limits", "max_body_size", "max_concurrent", "queue_size")
+# What the middleware stack reads of a route: the policies, and the name, pattern, methods and host that
+# place them in the layers' route tables (their order matters too: first match wins).
+_ROUTE_POLICIES = (
+    "name",
+    "path",
+    "methods",
+    "host",
+    "auth",
+    "roles",
+    "rate_limits",
+    "max_body_size",
+    "max_concurrent",
+    "queue_size",
+)
+_STACK_SECTIONS = ("auth", "rate_limits", "metrics", "security")
 
 
 def stack_policy_changes(previous: GatewayConfig, new: GatewayConfig) -> list[str]:
-    """Per-route and per-service policies of `new` that the running middleware stack cannot adopt.
+    """What the middleware stack reads that differs from `previous` to `new`, as config keys.
 
-    The stack (authentication, RBAC, rate limits, body limit, concurrency, breakers) is built at start-up,
-    so a reload that adds or changes such a policy is refused rather than served without it. A new route
-    without policies, or a route removed, is fine.
+    A reload rebuilds the stack when this is not empty (mounts.py's `build_stacks`), and otherwise keeps it:
+    a change of targets, services' upstream settings or a route's backend only swaps the routing.
     """
+    changed = [section for section in _STACK_SECTIONS if getattr(previous, section) != getattr(new, section)]
 
-    def route_policies(config: GatewayConfig) -> dict[tuple[str, tuple[str, ...] | None], tuple[Any, ...]]:
-        policies: dict[tuple[str, tuple[str, ...] | None], tuple[Any, ...]] = {}
-        for route in config.routes:
-            values = tuple(getattr(route, field) for field in _ROUTE_POLICIES)
-            if values != ("none", [], [], None, None, 0):
-                policies[(route.path, None if route.methods is None else tuple(route.methods))] = values
-        return policies
+    def route_policies(config: GatewayConfig) -> list[tuple[Any, ...]]:
+        return [tuple(getattr(route, field) for field in _ROUTE_POLICIES) for route in config.routes]
 
-    before = route_policies(previous)
-    changed = [
-        f"routes {path!r}"
-        for (path, methods), values in route_policies(new).items()
-        if before.get((path, methods)) != values
-    ]
-    breakers = {service.name: service.breaker for service in previous.services}
-    changed += [
-        f"services {service.name!r} breaker"
-        for service in new.services
-        if service.breaker.enabled and breakers.get(service.name) != service.breaker
-    ]
+    if route_policies(previous) != route_policies(new):
+        changed.append("routes")
+
+    def breakers(config: GatewayConfig) -> dict[str, BreakerConfig]:
+        return {service.name: service.breaker for service in config.services if service.breaker.enabled}
+
+    if breakers(previous) != breakers(new):
+        changed.append("services.breaker")
     return changed
 
 

@@ -11,9 +11,10 @@ from nexus_middleware.context import Principal, publish_principal
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 from sample_gateway.app import GatewayEdge, create_app
 from sample_gateway.config import load_config, parse_config
+from sample_gateway.mounts import StackSlot
 from sample_gateway.registry import MemoryRegistryStore
-from sample_gateway.runtime import GatewayRuntime
-from tests.support.asgi import make_scope, run_asgi
+from sample_gateway.runtime import GatewayRuntime, Mount
+from tests.support.asgi import make_scope, ok_app, run_asgi
 
 KEY = "s3cret-admin-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -248,33 +249,65 @@ async def test_admin_disabled_leaves_the_prefix_to_routing() -> None:
 
 
 @pytest.mark.parametrize(
-    ("change", "changed"),
+    "change",
     [
-        (
-            {
-                "path": "/users/*",
-                "service": "users",
-                "rate_limits": ["basic"],
-                "auth": "optional",
-                "roles": ["ops"],
-            },
-            "routes '/users/*'",
-        ),
-        ({"path": "/new/*", "service": "users", "auth": "required"}, "routes '/new/*'"),
-        (
-            {"path": "/users/*", "service": "users", "rate_limits": ["basic"], "max_concurrent": 5},
-            "routes '/users/*'",
-        ),
+        {
+            "path": "/users/*",
+            "service": "users",
+            "rate_limits": ["basic"],
+            "auth": "optional",
+            "roles": ["ops"],
+        },
+        {"path": "/new/*", "service": "users", "auth": "required"},
+        {"path": "/users/*", "service": "users", "rate_limits": ["basic"], "max_concurrent": 5},
     ],
 )
-async def test_a_reload_that_changes_a_stack_policy_is_refused(change: dict[str, Any], changed: str) -> None:
+async def test_a_reload_that_changes_a_stack_policy_rebuilds_the_stack(change: dict[str, Any]) -> None:
     auth = {"api_keys": {"keys": []}}
     app, runtime = gateway(auth=auth)
-    running = runtime.config
+    stack = app.app
     body = json.dumps(config_data(routes=[change], auth=auth))
     async with client(app) as http:
-        refused = await http.post("/_admin/reload", headers=AUTH, content=body)
-        plain = json.dumps(config_data(routes=[{"path": "/plain/*", "service": "users"}], auth=auth))
-        accepted = await http.post("/_admin/reload", headers=AUTH, content=plain)
-    assert refused.status_code == 409 and refused.json()["changed"] == [changed]
-    assert accepted.status_code == 200 and runtime.config is not running
+        rebuilt = await http.post("/_admin/reload", headers=AUTH, content=body)
+    assert rebuilt.status_code == 200 and rebuilt.json()["rebuilt"] == ["routes"]
+    assert app.app is not stack and runtime.config.routes[0].path == change["path"]
+
+
+async def test_a_reload_without_policy_changes_keeps_the_stack() -> None:
+    app, runtime = gateway()
+    stack, hooks = app.app, list(runtime.header_hooks)
+    data = config_data()
+    data["services"][0]["targets"] = [{"url": "http://127.0.0.1:9011", "id": "u9"}]
+    async with client(app) as http:
+        reloaded = await http.post("/_admin/reload", headers=AUTH, content=json.dumps(data))
+    assert reloaded.status_code == 200 and reloaded.json()["rebuilt"] == []
+    assert app.app is stack and runtime.header_hooks == hooks
+    assert [target.id for target in runtime.registry.targets("users")] == ["u9"]
+
+
+async def test_a_rebuild_that_fails_keeps_the_running_stack_and_config() -> None:
+    app, runtime = gateway()
+    stack, running = app.app, runtime.config
+
+    def broken(inner: ASGIApp, config: Any, runtime: GatewayRuntime) -> ASGIApp:
+        raise RuntimeError("the factory failed")
+
+    # A stack served elsewhere whose factory fails: nothing of the build is served, the edge included.
+    runtime.mounts.append(Mount([("broken", broken)], ok_app, StackSlot(ok_app)))
+    body = json.dumps(config_data(routes=[{"path": "/users/*", "service": "users", "max_body_size": 10}]))
+    async with client(app) as http:
+        failed = await http.post("/_admin/reload", headers=AUTH, content=body)
+    assert failed.status_code == 500 and failed.headers["content-type"] == "application/problem+json"
+    assert failed.json()["error"] == "RuntimeError: the factory failed"
+    assert "running configuration is kept" in failed.json()["detail"]
+    assert app.app is stack and runtime.config is running
+
+
+async def test_restart_keys_keep_their_running_values() -> None:
+    app, runtime = gateway()
+    body = json.dumps(config_data(listen={"port": 9999}, storage={"default": "redis://127.0.0.1:1/0"}))
+    async with client(app) as http:
+        reloaded = await http.post("/_admin/reload", headers=AUTH, content=body)
+    assert reloaded.json()["restart_required_for"] == ["listen", "storage"]
+    assert runtime.config.listen.port == 8080 and runtime.config.storage.default == "memory://"
+    assert reloaded.json()["rebuilt"] == []
