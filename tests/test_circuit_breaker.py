@@ -472,6 +472,27 @@ async def test_shared_states_keep_unchanged_breakers_across_a_replacement(manual
     assert current[-1].states()["search"].state == "closed"  # four failures under the new threshold of 5
 
 
+async def test_route_keyed_breakers_are_compared_on_their_next_request(manual_clock: ManualClock) -> None:
+    upstream = Upstream(manual_clock)
+    upstream.status = 500
+    shared = BreakerStates()
+
+    def build(orders: BreakerPolicy) -> CircuitBreakerMiddleware:
+        routes = [("/users/*", None, consecutive(1)), ("/orders/*", None, orders)]
+        return CircuitBreakerMiddleware(
+            upstream, policy=None, routes=routes, shared=shared, clock=manual_clock
+        )
+
+    old = build(consecutive(1))
+    await call(old, "/users/1")
+    await call(old, "/orders/1")
+    new = build(consecutive(3))  # the route decides the policy: nothing is forgotten before a request
+    assert {k: v.state for k, v in new.states().items()} == {"/users/*": "open", "/orders/*": "open"}
+    assert (await call(new, "/users/2")).status == 503  # unchanged: still open
+    assert (await call(new, "/orders/2")).status == 500  # changed: a new breaker under the new policy
+    assert new.states()["/orders/*"].state == "closed"
+
+
 async def test_a_replaced_middleware_never_resets_the_newer_ones_breaker(manual_clock: ManualClock) -> None:
     upstream = Upstream(manual_clock)
     upstream.status = 503
