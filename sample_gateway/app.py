@@ -358,7 +358,7 @@ def create_app(
         else None
     )
     edge = GatewayEdge(app, runtime=runtime, admin=admin if on_edge else None)
-    # The stacks are built and swapped in by the same code at start-up and on reload (stack.py).
+    # The stacks are built and swapped in by the same code at start-up and on reload (mounts.py).
     runtime.mounts = [Mount(STACK, app, edge)]
     if admin is not None:
         runtime.mounts.append(Mount(ADMIN_STACK, admin.app, admin))
