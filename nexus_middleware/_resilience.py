@@ -112,6 +112,15 @@ class PolicyRouter(Generic[P]):
             RouteTable(_keyed(entry) for entry in routes) or None
         )
 
+    def key_policy(self, key: str) -> tuple[bool, P | None]:
+        """`(True, policy)` when `key` alone decides its policy (no route table, or a `key_policies` entry),
+        else `(False, None)`: the policy then depends on the request's route."""
+        if key in self._by_key:
+            return True, self._by_key[key]
+        if self._routes is None:
+            return True, self._default
+        return False, None
+
     async def route(
         self, scope: Scope, receive: Receive, send: Send, app: ASGIApp, layer: str
     ) -> tuple[str, P] | None:

@@ -48,6 +48,7 @@ __all__ = [
     "BreakerSnapshot",
     "BreakerStateName",
     "BreakerStateSync",
+    "BreakerStates",
     "CircuitBreakerMiddleware",
     "DEFAULT_FAILURE_STATUSES",
     "RedisBreakerSync",
@@ -256,6 +257,24 @@ class RedisBreakerSync:
             raise StorageError(f"malformed breaker state for {key!r}") from exc
 
 
+class BreakerStates:
+    """Breakers that outlive one middleware instance, for an app that rebuilds its stack (a gateway's reload).
+
+    Give the same instance to a middleware and to the one that replaces it: a breaker whose key keeps an equal
+    policy keeps its state and counts; a key whose policy changed starts a new, closed breaker. While the
+    replaced middleware finishes its last requests, they never reset a breaker the newer one created.
+    """
+
+    __slots__ = ("circuits", "epoch")
+
+    def __init__(self) -> None:
+        self.circuits: OrderedDict[str, _Circuit] = OrderedDict()
+        self.epoch = 0  # bumped by each middleware built on these states: the newest one owns a key
+
+    def __repr__(self) -> str:
+        return f"BreakerStates(breakers={len(self.circuits)})"
+
+
 class StaticResponse:
     """A fixed response usable as a breaker fallback (any ASGI app is too). Headers are computed once."""
 
@@ -352,6 +371,7 @@ class _Circuit:
         "breaker",
         "changed_at",
         "clock",
+        "epoch",
         "events",
         "generation",
         "in_flight",
@@ -367,10 +387,11 @@ class _Circuit:
         "window",
     )
 
-    def __init__(self, key: str, policy: BreakerPolicy, clock: Clock) -> None:
+    def __init__(self, key: str, policy: BreakerPolicy, clock: Clock, epoch: int = 0) -> None:
         self.key = key
         self.policy = policy
         self.clock = clock
+        self.epoch = epoch  # the `BreakerStates` epoch of the middleware that created or adopted it
         self.state: str = _CLOSED
         self.generation = 0  # bumped on every transition: outcomes of an earlier state are not reported
         self.open_until = 0.0  # monotonic
@@ -538,6 +559,7 @@ class CircuitBreakerMiddleware:
         sync: BreakerStateSync | None = None,
         on_event: Callable[[BreakerEvent], Awaitable[None]] | None = None,
         max_breakers: int = 1024,
+        shared: BreakerStates | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if max_breakers < 1:
@@ -552,7 +574,16 @@ class CircuitBreakerMiddleware:
         self._on_event = on_event
         self._max_breakers = max_breakers
         self._clock = clock
-        self._circuits: OrderedDict[str, _Circuit] = OrderedDict()
+        states = shared if shared is not None else BreakerStates()
+        states.epoch += 1
+        self._epoch = states.epoch
+        self._circuits = states.circuits
+        for name, circuit in list(self._circuits.items()):
+            # Forget now the breakers whose key alone says the policy changed, so `states()` shows them
+            # closed at once; route-dependent keys are compared on their next request instead.
+            known, expected = self._router.key_policy(name)
+            if known and expected != circuit.policy:
+                del self._circuits[name]
 
     def states(self) -> Mapping[str, BreakerSnapshot]:
         """Every live breaker's state, by key (the admin API lists these)."""
@@ -630,11 +661,26 @@ class CircuitBreakerMiddleware:
         circuits = self._circuits
         circuit = circuits.get(key)
         if circuit is not None:
-            circuits.move_to_end(key)
-            return circuit
+            if circuit.policy is policy:  # the steady state: one identity check per request
+                circuits.move_to_end(key)
+                return circuit
+            if circuit.policy == policy:
+                if self._epoch > circuit.epoch:  # adopted from the middleware this one replaced
+                    circuit.policy, circuit.epoch = policy, self._epoch
+                circuits.move_to_end(key)
+                return circuit
+            if circuit.epoch > self._epoch:
+                # A newer middleware owns this key under another policy: this one is being replaced, and its
+                # last requests use a breaker of their own rather than resetting the newer one's.
+                return _Circuit(key, policy, self._clock, self._epoch)
         # An open or busy breaker is forgotten only when no closed, idle one is left to forget.
         return remember_state(
-            circuits, key, _Circuit(key, policy, self._clock), self._max_breakers, _idle, evict_busy=True
+            circuits,
+            key,
+            _Circuit(key, policy, self._clock, self._epoch),
+            self._max_breakers,
+            _idle,
+            evict_busy=True,
         )
 
     async def _refuse(

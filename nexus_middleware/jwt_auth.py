@@ -228,6 +228,7 @@ class JWTAuthMiddleware(BearerGate):
         revocation: RevocationList | None = None,
         jwks_policy: JWKSPolicy | None = None,
         http_client: httpx.AsyncClient | None = None,
+        jwks_caches: Mapping[str, JWKSCache] | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if not issuers:
@@ -235,13 +236,18 @@ class JWTAuthMiddleware(BearerGate):
         self._policy = policy = policy or JWTPolicy()
         self._issuers: dict[str, JWTIssuer] = {}
         self._jwks: dict[str, JWKSCache] = {}
+        self._owned_jwks: list[JWKSCache] = []  # the caches created here; given ones stay their owner's
         for issuer in issuers:
             if issuer.issuer in self._issuers:
                 raise ConfigurationError(f"issuer {issuer.issuer!r} is configured twice")
             self._issuers[issuer.issuer] = issuer
             url = issuer.jwks_url
             if url is not None and url not in self._jwks:
-                self._jwks[url] = JWKSCache(url, policy=jwks_policy, http_client=http_client, clock=clock)
+                given = None if jwks_caches is None else jwks_caches.get(url)
+                if given is None:
+                    given = JWKSCache(url, policy=jwks_policy, http_client=http_client, clock=clock)
+                    self._owned_jwks.append(given)
+                self._jwks[url] = given
         self._revocation = revocation
         self._clock = clock
         self._cache = TokenCache(policy.cache_size)
@@ -253,8 +259,8 @@ class JWTAuthMiddleware(BearerGate):
         return f"JWTAuthMiddleware(issuers={list(self._issuers)!r}, policy={self._policy!r})"
 
     async def aclose(self) -> None:
-        """Close the HTTP clients the JWKS caches created (an injected client is left to its owner)."""
-        for cache in self._jwks.values():
+        """Close the HTTP clients the JWKS caches created (injected clients and caches are their owner's)."""
+        for cache in self._owned_jwks:
             await cache.aclose()
 
     async def _authenticate(self, token: bytes, scope: Scope) -> Principal:

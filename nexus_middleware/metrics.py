@@ -18,6 +18,7 @@ prometheus-client is imported lazily: `import nexus_middleware` works without th
 from __future__ import annotations
 
 import asyncio
+import copy
 import ipaddress
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -284,6 +285,14 @@ class MetricsMiddleware:
         )
         self._exemplars = exemplars
         self._clock = clock
+
+    def wrapping(self, app: ASGIApp) -> MetricsMiddleware:
+        """This middleware's metrics (registry, series, options) around another app. An app that rebuilds
+        its stack (the gateway's reload) keeps counting into the same series: a second middleware on the
+        registry would clash, and a new registry would reset every counter."""
+        twin = copy.copy(self)
+        twin.app = app
+        return twin
 
     def _route(self, scope: Scope) -> str:
         template = route_template(scope)

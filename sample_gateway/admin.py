@@ -16,12 +16,17 @@ of this app. A missing and a wrong credential get the same 401.
 | GET, PUT | `/rate-limits` | view and replace the rate-limit policies |
 | POST | `/reload` | reload the config: the body (YAML or JSON) or, empty, the file; validated first |
 | GET | `/status` | a small live status page (HTML) |
+
+A reload applies services, targets and routes, and rebuilds the middleware stack when the policies it reads
+changed (`stack_policy_changes`): state whose resource is unchanged survives (rate-limit counters, breaker
+states, JWKS caches, API-key stores, target health). `RESTART_KEYS` keep their running values until a restart.
 """
 
 import hashlib
 import hmac
 import html
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,19 +52,13 @@ from sample_gateway.runtime import GatewayRuntime
 
 __all__ = ["AdminApp"]
 
+logger = logging.getLogger(__name__)
+
 MAX_BODY = 1024 * 1024
-# Keys whose change only takes effect at the next start (they shape listeners and the middleware stack).
-RESTART_KEYS = (
-    "listen",
-    "admin",
-    "security",
-    "auth",
-    "rate_limits",
-    "metrics",
-    "storage",
-    "upstream_client",
-    "trusted_proxies",
-)
+# Keys whose change only takes effect at the next start: the listeners and the admin API's own settings, the
+# storage URIs (the registry store, the limiter and breaker storage), the upstream client, and the trusted
+# proxies every layer resolves client addresses with. A reload keeps the running values of these.
+RESTART_KEYS = ("listen", "admin", "storage", "upstream_client", "trusted_proxies")
 
 _UNAUTHORIZED = Problem(401, "An admin credential is required.")
 _STORE_DOWN = Problem(503, "The registry store is unavailable; try again.")
@@ -287,6 +286,9 @@ class AdminApp:
         return 200, {"policies": _dump(replaced)["policies"], "enforced": hook is not None}
 
     async def _reload(self, request: _Request) -> _Response:
+        from sample_gateway.mounts import build_stacks
+        from sample_gateway.stack import StackBuildError
+
         runtime = self.runtime
         try:
             if request.body.strip():
@@ -303,21 +305,42 @@ class AdminApp:
             )
             raise _Refusal(problem) from None
         previous = runtime.config
-        fixed = stack_policy_changes(runtime.stack_config or previous, config)
-        if fixed:
-            problem = Problem(
-                409,
-                "Per-route policies and breakers are built at start-up: restart the gateway to change them; "
-                "the running configuration is kept.",
-                extensions={"changed": fixed},
-            )
-            raise _Refusal(problem)
-        runtime.reload(config)
         restart = [key for key in RESTART_KEYS if getattr(previous, key) != getattr(config, key)]
+        # What needs a restart keeps its running value, so the runtime's config says what is in force.
+        config = config.model_copy(update={key: getattr(previous, key) for key in restart})
+        changed = stack_policy_changes(previous, config)
+        build = None
+        if changed and runtime.mounts:
+            try:
+                build = build_stacks(config, runtime)
+            except StackBuildError as exc:
+                problem = Problem(
+                    400,
+                    "The middleware stack refuses the new configuration; the running one is kept.",
+                    extensions={"layer": exc.layer, "errors": [{"key": exc.layer, "problem": str(exc)}]},
+                )
+                raise _Refusal(problem) from None
+            except Exception as exc:
+                logger.exception("building the middleware stack for a reload failed")
+                problem = Problem(
+                    500,
+                    "Building the middleware stack failed; the running configuration is kept.",
+                    extensions={"error": f"{type(exc).__name__}: {exc}"},
+                )
+                raise _Refusal(problem) from None
+        try:
+            runtime.reload(config)
+        except BaseException:
+            if build is not None:
+                build.discard()
+            raise
+        if build is not None:
+            build.commit()  # right after the routing swap, no await between: one config in force
         return 200, {
             "reloaded": True,
             "services": runtime.registry.services(),
             "routes": len(runtime.router.routes),
+            "rebuilt": changed if build is not None else [],
             "restart_required_for": restart,
         }
 

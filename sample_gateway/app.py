@@ -34,7 +34,7 @@ from sample_gateway.contracts import AttemptObserver, TargetSelector, UpstreamPo
 from sample_gateway.health import ActiveHealthChecker
 from sample_gateway.proxy import ReverseProxy
 from sample_gateway.routing import NoRoute, RouteMatch
-from sample_gateway.runtime import GatewayRuntime
+from sample_gateway.runtime import GatewayRuntime, Mount
 from sample_gateway.upstream_client import UpstreamClient, create_upstream_client
 
 __all__ = [
@@ -185,7 +185,7 @@ class GatewayApp:
         health_client = httpx.AsyncClient(trust_env=False, follow_redirects=False)
         self._closers.append(health_client.aclose)
         self._closers.append(runtime.registry.aclose)
-        self._closers.extend(runtime.closers)  # the middlewares' clients and stores (stack.py)
+        self._closers.append(runtime.resources.aclose)  # the middlewares' clients, stores and state
         checker = ActiveHealthChecker(runtime.tracker, runtime.check_policies, client=health_client)
         runtime.checker = checker
         try:
@@ -272,13 +272,19 @@ def _json_response(status: int, payload: Any) -> tuple[dict[str, Any], dict[str,
 
 
 class GatewayEdge:
-    """The outermost layer: answers the probes and routes the admin prefix before the policy layers."""
+    """The outermost layer: answers the probes and routes the admin prefix before the policy layers.
+
+    `app` is read once per request: a reload that rebuilds the middleware stack assigns it (mounts.py's
+    `StackBuild.commit`). The lifespan goes straight to the app given here (GatewayApp in `create_app`), so
+    its long-running call never keeps a replaced stack alive."""
 
     def __init__(self, app: ASGIApp, /, *, runtime: GatewayRuntime, admin: ASGIApp | None = None) -> None:
         self.app = app
         self.runtime = runtime
+        self._lifespan = app
         self._admin = admin
         self._admin_prefix = runtime.config.admin.prefix if admin is not None else None
+        self.admin_listener: ASGIApp | None = None  # the admin API on its own listener (`admin.listen`)
 
     def __repr__(self) -> str:
         return f"GatewayEdge(admin_prefix={self._admin_prefix!r})"
@@ -286,7 +292,7 @@ class GatewayEdge:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
         if scope_type != "http" and scope_type != "websocket":
-            await self.app(scope, receive, send)  # lifespan reaches GatewayApp through the stack
+            await self._lifespan(scope, receive, send)  # no layer of the stack acts on the lifespan
             return
         path = _normalized_path(scope)
         if path is None:
@@ -339,18 +345,27 @@ def create_app(
 ) -> GatewayEdge:
     """The gateway for `config`: edge, middleware stack, proxy. Serve it with uvicorn (lifespan on)."""
     from sample_gateway.admin import AdminApp
-    from sample_gateway.stack import ADMIN_STACK, build_stack
+    from sample_gateway.mounts import StackSlot, build_stacks
+    from sample_gateway.stack import ADMIN_STACK, STACK
 
     if runtime is None:
         runtime = GatewayRuntime(config, config_source=config_source)
     app = GatewayApp(runtime, data_plane=data_plane)
-    stacked = build_stack(app, config, runtime)
+    on_edge = config.admin.enabled and not config.admin.listen
     admin = (
-        build_stack(AdminApp(runtime, prefix=config.admin.prefix), config, runtime, entries=ADMIN_STACK)
-        if config.admin.enabled and not config.admin.listen
+        StackSlot(AdminApp(runtime, prefix=config.admin.prefix if on_edge else None))
+        if config.admin.enabled
         else None
     )
-    return GatewayEdge(stacked, runtime=runtime, admin=admin)
+    edge = GatewayEdge(app, runtime=runtime, admin=admin if on_edge else None)
+    # The stacks are built and swapped in by the same code at start-up and on reload (mounts.py).
+    runtime.mounts = [Mount(STACK, app, edge)]
+    if admin is not None:
+        runtime.mounts.append(Mount(ADMIN_STACK, admin.app, admin))
+        if not on_edge:
+            edge.admin_listener = admin
+    build_stacks(config, runtime).commit()
+    return edge
 
 
 def create_app_from_environment() -> GatewayEdge:

@@ -12,12 +12,10 @@ from pathlib import Path
 import uvicorn
 
 from nexus_middleware.types import ASGIApp
-from sample_gateway.admin import AdminApp
 from sample_gateway.app import create_app
 from sample_gateway.config import GatewayConfig, GatewayConfigError, export_config_path, load_config
 from sample_gateway.demo import DemoUpstream, demo_config, demo_instructions
 from sample_gateway.runtime import GatewayRuntime
-from sample_gateway.stack import ADMIN_STACK, build_stack
 
 __all__ = ["main"]
 
@@ -140,9 +138,8 @@ def _run_config(config: GatewayConfig, path: Path, host: str, port: int, log_lev
     try:
         main_socket = _bind(host, port)
         others: list[tuple[ASGIApp, socket.socket]] = []
-        if config.admin.enabled and config.admin.listen is not None:
-            admin = build_stack(AdminApp(runtime), config, runtime, entries=ADMIN_STACK)
-            others.append((admin, _bind(config.admin.listen.host, config.admin.listen.port)))
+        if app.admin_listener is not None and config.admin.listen is not None:
+            others.append((app.admin_listener, _bind(config.admin.listen.host, config.admin.listen.port)))
     except OSError as exc:
         print(f"error: cannot listen: {exc}", file=sys.stderr)
         return 1

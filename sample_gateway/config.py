@@ -584,53 +584,42 @@ def cross_check(config: GatewayConfig) -> list[tuple[str, str]]:
     return problems
 
 
-_ROUTE_POLICIES = ("auth", "roles", "rate_limits", "max_body_size", "max_concurrent", "queue_size")
-_NO_POLICIES: tuple[Any, ...] = ("none", [], [], None, None, 0)
+# What the middleware stack reads of a route: the policies, and the name, pattern, methods and host that
+# place them in the layers' route tables (their order matters too: first match wins).
+_ROUTE_POLICIES = (
+    "name",
+    "path",
+    "methods",
+    "host",
+    "auth",
+    "roles",
+    "rate_limits",
+    "max_body_size",
+    "max_concurrent",
+    "queue_size",
+)
+_STACK_SECTIONS = ("auth", "rate_limits", "metrics", "security")
 
 
 def stack_policy_changes(previous: GatewayConfig, new: GatewayConfig) -> list[str]:
-    """Per-route and per-service policies of `new` that the running middleware stack cannot adopt.
+    """What the middleware stack reads that differs from `previous` to `new`, as config keys.
 
-    The stack (authentication, RBAC, rate limits, body limit, concurrency, breakers) is built at start-up,
-    so a reload that adds or changes such a policy is refused rather than served without it. A route is
-    its path, methods and host. A new route without policies is fine, and so is a route removed or moved,
-    unless a route with policies comes after it in the running config: the stack's tables keep every
-    route in order, so it would still answer, in the stack, for requests the router now gives that route.
+    A reload rebuilds the stack when this is not empty (mounts.py's `build_stacks`), and otherwise keeps it:
+    a change of targets, services' upstream settings or a route's backend only swaps the routing.
     """
+    changed = [section for section in _STACK_SECTIONS if getattr(previous, section) != getattr(new, section)]
 
-    def key(route: RouteConfig) -> tuple[str, tuple[str, ...] | None, str | None]:
-        return route.path, None if route.methods is None else tuple(route.methods), route.host
+    def route_policies(config: GatewayConfig) -> list[tuple[Any, ...]]:
+        return [tuple(getattr(route, field) for field in _ROUTE_POLICIES) for route in config.routes]
 
-    def policies(route: RouteConfig) -> tuple[Any, ...]:
-        return tuple(getattr(route, field) for field in _ROUTE_POLICIES)
+    if route_policies(previous) != route_policies(new):
+        changed.append("routes")
 
-    def name(route_key: tuple[str, tuple[str, ...] | None, str | None]) -> str:
-        path, _, host = route_key
-        return f"routes {path!r}" if host is None else f"routes {path!r} on {host!r}"
+    def breakers(config: GatewayConfig) -> dict[str, BreakerConfig]:
+        return {service.name: service.breaker for service in config.services if service.breaker.enabled}
 
-    before = {key(route): policies(route) for route in previous.routes}
-    changed = [
-        name(key(route))
-        for route in new.routes
-        if policies(route) != _NO_POLICIES and before.get(key(route)) != policies(route)
-    ]
-    positions = {key(route): index for index, route in enumerate(new.routes)}
-    running = [(key(route), policies(route) != _NO_POLICIES) for route in previous.routes]
-    for index, (route_key, _) in enumerate(running):
-        later = running[index + 1 :]
-        if not any(has_policies for _, has_policies in later):
-            continue
-        position = positions.get(route_key)
-        if position is None:
-            changed.append(name(route_key) + " removed")
-        elif any(positions.get(other, position) < position for other, _ in later):
-            changed.append(name(route_key) + " moved")
-    breakers = {service.name: service.breaker for service in previous.services}
-    changed += [
-        f"services {service.name!r} breaker"
-        for service in new.services
-        if service.breaker.enabled and breakers.get(service.name) != service.breaker
-    ]
+    if breakers(previous) != breakers(new):
+        changed.append("services.breaker")
     return changed
 
 

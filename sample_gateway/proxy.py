@@ -157,6 +157,8 @@ class ReverseProxy:
     - `request_id_header`: carries `get_context(scope).request_id` upstream (generated when absent).
     - `header_hooks`: called in order with the scope and the outgoing request headers, after hop-by-hop
       stripping and the gateway's own headers; each returns the list to send (identity, `traceparent`).
+      The sequence is kept, not copied: the gateway replaces its content in place when a reload rebuilds
+      the middleware stack (no await between the hooks, so a request never sees half a replacement).
     - `server_set_headers`: response headers the ASGI server in front sets on every response itself (uvicorn
       and hypercorn add `Date` and `Server`); the upstream's are dropped so the client gets one of each,
       as nginx does. Pass `()` behind a server that adds neither.
@@ -192,7 +194,7 @@ class ReverseProxy:
         self._via = via.encode("latin-1")
         self._via_header = (b"via", self._via)
         self._request_id_header = _validate_header_name(request_id_header, "request_id_header")
-        self._hooks = tuple(header_hooks)
+        self._hooks = header_hooks
         self._dropped_response_names = HOP_BY_HOP_HEADERS | {
             _validate_header_name(name, "server_set_headers") for name in server_set_headers
         }

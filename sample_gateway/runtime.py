@@ -7,7 +7,8 @@ reload for targets that stay.
 """
 
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from nexus_middleware.client import ClientAddressResolver
@@ -18,11 +19,14 @@ from sample_gateway.config import GatewayConfig, RouteConfig, ServiceConfig
 from sample_gateway.contracts import RetryPolicy, UpstreamPolicy
 from sample_gateway.health import ActiveCheckPolicy, ActiveHealthChecker, HealthTracker, OutlierPolicy
 from sample_gateway.registry import Registry, RegistryStore, registry_store_from_url, static_targets
+from sample_gateway.resources import ResourcePool
 from sample_gateway.routing import Backend, Router, build_router
 
 __all__ = [
     "BreakerStatesHook",
     "GatewayRuntime",
+    "Holder",
+    "Mount",
     "RateLimitPoliciesHook",
     "upstream_policy",
 ]
@@ -40,6 +44,22 @@ class RateLimitPoliciesHook(Protocol):
     def get(self) -> dict[str, Any]: ...
 
     def replace(self, policies: dict[str, Any]) -> None: ...
+
+
+class Holder(Protocol):
+    """What serves a middleware stack: reads `app` on every request (`GatewayEdge`, a `StackSlot`)."""
+
+    app: ASGIApp
+
+
+@dataclass(frozen=True, eq=False)
+class Mount:
+    """One place a stack is served: stack.py's `entries` wrapped around `inner`, assigned to `holder.app`
+    when a build is committed (mounts.py)."""
+
+    entries: Sequence[tuple[str, Callable[[ASGIApp, GatewayConfig, "GatewayRuntime"], ASGIApp | None]]]
+    inner: ASGIApp
+    holder: Holder
 
 
 def upstream_policy(service: ServiceConfig, route: RouteConfig | None = None) -> UpstreamPolicy:
@@ -91,13 +111,15 @@ class GatewayRuntime:
         self.checker: ActiveHealthChecker | None = None  # set by the app's lifespan
         self.breaker_states: BreakerStatesHook | None = None
         self.rate_limit_policies: RateLimitPoliciesHook | None = None
-        # Filled by stack.py while the middleware stack is built: closed by the app's lifespan, added to the
-        # proxy's outgoing headers (identity, traceparent), and the `/metrics` endpoint the edge answers.
-        self.closers: list[Callable[[], Awaitable[None]]] = []
+        # Filled by stack.py's factories while the middleware stack is built, and replaced together with the
+        # stack when a reload rebuilds it: the proxy's outgoing header hooks (identity, traceparent; the list
+        # object is the proxy's, its content is replaced), the `/metrics` endpoint the edge answers, and the
+        # resources the layers opened (storages, clients, key stores), closed by the app's lifespan.
         self.header_hooks: list[Callable[[Scope, list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]]] = []
         self.metrics_endpoint: ASGIApp | None = None
         self.layers: list[str] = []  # the stack's layers, outermost first
-        self.stack_config: GatewayConfig | None = None  # the config the stack was built from
+        self.resources = ResourcePool()
+        self.mounts: list[Mount] = []  # where the stacks are served, set by create_app
         self._apply(config)
 
     def __repr__(self) -> str:
@@ -144,7 +166,8 @@ class GatewayRuntime:
         self.config = config
 
     def reload(self, config: GatewayConfig) -> None:
-        """Adopt an already validated config (services, targets, routes, policies)."""
+        """Adopt an already validated config (services, targets, routes, upstream policies). The caller
+        rebuilds the middleware stack (`mounts.build_stacks`) and commits it right after, with no await."""
         self._apply(config)
         if self.checker is not None:
             self.checker.set_policies(self.check_policies)

@@ -35,16 +35,23 @@ The admin API has its own, shorter table, `ADMIN_STACK`, whose `auth` entry is t
 mode (it publishes the principal, never refuses): `AdminApp` accepts a principal holding one of `admin.roles`
 in addition to the API keys.
 
-Every layer that needs the client address takes `runtime.resolver` (built from `trusted_proxies`). Clients
-and stores a layer opens are closed by the app's lifespan (`runtime.closers`).
+Every layer that needs the client address takes `runtime.resolver` (built from `trusted_proxies`). Clients,
+stores and state a layer opens come from `runtime.resources`, keyed by what configures them, so a stack
+rebuilt on reload reuses them (rate-limit storage, breaker states, JWKS caches, API-key stores, the metric
+registry); the pool closes those no stack uses any more, and the rest at shutdown.
+
+A reload whose config changes what the stack reads (`stack_policy_changes`) builds the stacks again from these
+tables and swaps them in (mounts.py). Factories publish on the runtime (header hooks, `/metrics` endpoint,
+admin views); mounts.py gives each build empty outputs and swaps them in with the stacks.
 
 Probes (`/healthz`, `/readyz`), `/metrics` and the admin prefix are answered by `GatewayEdge` outside this
 stack, so a policy layer can never lock operators out; the admin API has its own credential check.
 """
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import json
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Protocol
 
 from nexus_middleware import (
     AccessLogMiddleware,
@@ -53,11 +60,13 @@ from nexus_middleware import (
     APIKeyStore,
     BodySizeLimitMiddleware,
     BreakerPolicy,
+    BreakerStates,
     CircuitBreakerMiddleware,
     ClaimMapping,
     ConcurrencyLimitMiddleware,
     ConcurrencyPolicy,
     IdentityHeaders,
+    JWKSCache,
     JWTAuthMiddleware,
     JWTIssuer,
     JWTPolicy,
@@ -81,13 +90,15 @@ from nexus_middleware import (
     register_gauge_source,
 )
 from nexus_middleware.bearer import AuthMode
+from nexus_middleware.errors import ConfigurationError
+from nexus_middleware.ratelimit_backends import LimiterBackend, limiter_backend
 from nexus_middleware.ratelimit_policy import OutagePolicy
 from nexus_middleware.storage import redis_client_from_url
-from nexus_middleware.types import ASGIApp
+from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 from sample_gateway.config import ApiKeySourceConfig, GatewayConfig, RateLimitPolicyConfig
 from sample_gateway.runtime import GatewayRuntime
 
-__all__ = ["ADMIN_STACK", "Factory", "STACK", "build_stack", "route_table", "wired"]
+__all__ = ["ADMIN_STACK", "Factory", "STACK", "StackBuildError", "build_stack", "route_table", "wired"]
 
 Factory = Callable[[ASGIApp, GatewayConfig, GatewayRuntime], ASGIApp | None]
 
@@ -113,6 +124,19 @@ def _request_id(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) ->
 def _metrics(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
     if not config.metrics.enabled:
         return None
+    # Registered once per app and kept across rebuilds: each build wraps its stack in the same series.
+    metrics = runtime.resources.get(("metrics",), lambda: _metric_series(runtime))
+    runtime.metrics_endpoint = MetricsApp(
+        registry=metrics.registry, allow=config.metrics.allow, client_resolver=runtime.resolver
+    )
+    return metrics.wrapping(app)
+
+
+async def _unwired(scope: Scope, receive: Receive, send: Send) -> None:
+    raise RuntimeError("the metric series' own middleware is never served: builds use wrapping(app)")
+
+
+def _metric_series(runtime: GatewayRuntime) -> MetricsMiddleware:
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry()  # one per gateway app: never prometheus-client's global registry
@@ -130,10 +154,7 @@ def _metrics(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> AS
         documentation="1 when the target receives traffic (healthy, not ejected), else 0.",
         labels=["service", "target"],
     )
-    runtime.metrics_endpoint = MetricsApp(
-        registry=registry, allow=config.metrics.allow, client_resolver=runtime.resolver
-    )
-    return MetricsMiddleware(app, registry=registry)
+    return MetricsMiddleware(_unwired, registry=registry)
 
 
 _BREAKER_CODES = {"closed": 0, "half-open": 1, "open": 2}
@@ -211,18 +232,43 @@ def _issuers(config: GatewayConfig) -> list[JWTIssuer]:
 
 
 def _jwt(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime, **options: Any) -> ASGIApp:
-    middleware = JWTAuthMiddleware(
-        app, issuers=_issuers(config), policy=JWTPolicy(leeway=config.auth.leeway), **options
+    # One cache per key set, shared by the main and admin stacks and kept across rebuilds.
+    caches = {
+        issuer.jwks_url: runtime.resources.get(
+            ("jwks", issuer.jwks_url), _jwks_cache(issuer.jwks_url), close=JWKSCache.aclose
+        )
+        for issuer in config.auth.issuers
+    }
+    return JWTAuthMiddleware(
+        app,
+        issuers=_issuers(config),
+        policy=JWTPolicy(leeway=config.auth.leeway),
+        jwks_caches=caches,
+        **options,
     )
-    runtime.closers.append(middleware.aclose)
-    return middleware
 
 
-def _api_key_store(config: GatewayConfig, source: ApiKeySourceConfig) -> APIKeyStore:
+def _jwks_cache(url: str) -> Callable[[], JWKSCache]:
+    return lambda: JWKSCache(url)
+
+
+def _api_key_store(config: GatewayConfig, source: ApiKeySourceConfig, runtime: GatewayRuntime) -> APIKeyStore:
     uri = source.storage or config.storage.default
+    prefix = config.storage.prefix + "apikeys:"
     if uri.startswith("memory://"):
-        return MemoryAPIKeyStore.from_config(source.keys)
-    return RedisAPIKeyStore.from_url(uri, prefix=config.storage.prefix + "apikeys:")
+        key: Hashable = ("api_keys", uri, json.dumps(source.keys, sort_keys=True, default=str))
+        return runtime.resources.get(key, lambda: MemoryAPIKeyStore.from_config(source.keys), close=_aclose)
+    return runtime.resources.get(
+        ("api_keys", uri, prefix), lambda: RedisAPIKeyStore.from_url(uri, prefix=prefix), close=_aclose
+    )
+
+
+class _Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+async def _aclose(resource: _Closable) -> None:
+    await resource.aclose()
 
 
 def _auth(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
@@ -237,8 +283,7 @@ def _auth(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIA
         return None
     source = config.auth.api_keys
     if source is not None:
-        store = _api_key_store(config, source)
-        runtime.closers.append(store.aclose)
+        store = _api_key_store(config, source, runtime)
         policy = APIKeyPolicy(header_name=source.header, default="exempt")
         app = APIKeyMiddleware(app, store=store, policy=policy, routes=modes)
     if config.auth.issuers:
@@ -313,18 +358,29 @@ class _RateLimitHook:
         self._middleware.replace_policies(_rate_limit_policies(self._runtime.config, parsed))
 
 
+def _limiter_backend(config: GatewayConfig, runtime: GatewayRuntime) -> LimiterBackend:
+    # The counters live here (in memory or behind the Redis client): kept across rebuilds, so a reload
+    # never hands a client a fresh quota. Closed by the pool, never by a middleware.
+    uri = config.storage.uri_for("rate_limits")
+    timeout = RateLimitOptions().store_timeout
+    return runtime.resources.get(
+        ("rate_limits", uri),
+        lambda: limiter_backend(uri, clock=runtime.clock, timeout=timeout),
+        close=_aclose,
+    )
+
+
 def _rate_limits(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
     if not config.rate_limits.policies:
         return None
     middleware = RateLimitMiddleware(
         app,
         policies=_rate_limit_policies(config, config.rate_limits.policies),
-        storage=config.storage.uri_for("rate_limits"),
+        storage=_limiter_backend(config, runtime),
         options=RateLimitOptions(key_prefix=config.storage.prefix + "rl:"),
         client_resolver=runtime.resolver,
         clock=runtime.clock,
     )
-    runtime.closers.append(middleware.aclose)
     runtime.rate_limit_policies = _RateLimitHook(middleware, runtime)
     return middleware
 
@@ -364,11 +420,16 @@ def _breakers(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> A
     sync = None
     uri = config.storage.uri_for("breakers")
     if not uri.startswith("memory://"):
-        client = redis_client_from_url(uri)
-        runtime.closers.append(client.aclose)
+        client = runtime.resources.get(("redis", uri), lambda: redis_client_from_url(uri), close=_aclose)
         sync = RedisBreakerSync(client, prefix=config.storage.prefix + "breaker:")
     middleware = CircuitBreakerMiddleware(
-        app, key="upstream", policy=None, key_policies=policies, sync=sync, clock=runtime.clock
+        app,
+        key="upstream",
+        policy=None,
+        key_policies=policies,
+        sync=sync,
+        shared=runtime.resources.get(("breakers",), BreakerStates),  # states survive a rebuild
+        clock=runtime.clock,
     )
     runtime.breaker_states = lambda: [asdict(snapshot) for snapshot in middleware.states().values()]
     return middleware
@@ -432,14 +493,24 @@ def build_stack(
     """Wrap `app` in the configured layers, the first entry outermost."""
     layers: list[str] = []
     for name, factory in reversed(list(entries)):
-        wrapped = factory(app, config, runtime)
+        try:
+            wrapped = factory(app, config, runtime)
+        except (ConfigurationError, ValueError, ImportError, OSError) as exc:
+            raise StackBuildError(name, exc) from exc
         if wrapped is not None:
             app = wrapped
             layers.insert(0, name)
     if entries is STACK:
         runtime.layers = layers
-        runtime.stack_config = config  # what a reload is compared with (`stack_policy_changes`)
     return app
+
+
+class StackBuildError(ConfigurationError):
+    """A factory refused the config: `layer` names its `STACK` entry."""
+
+    def __init__(self, layer: str, error: Exception) -> None:
+        super().__init__(f"the {layer!r} layer cannot be built: {error}")
+        self.layer = layer
 
 
 def wired(config: GatewayConfig, runtime: GatewayRuntime) -> list[str]:

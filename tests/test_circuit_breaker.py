@@ -12,6 +12,7 @@ import pytest
 from nexus_middleware import (
     BreakerEvent,
     BreakerPolicy,
+    BreakerStates,
     CircuitBreakerMiddleware,
     ConfigurationError,
     ManualClock,
@@ -441,6 +442,71 @@ async def test_per_upstream_policies_for_a_gateway(manual_clock: ManualClock) ->
     assert {k: v.state for k, v in breaker.states().items()} == {"billing": "open", "search": "closed"}
     assert (await run_asgi(router, make_scope("/billing"))).status == 503
     assert upstream.calls == 4
+
+
+async def test_shared_states_keep_unchanged_breakers_across_a_replacement(manual_clock: ManualClock) -> None:
+    upstream = Upstream(manual_clock)
+    upstream.status = 503
+    shared = BreakerStates()
+    current: list[CircuitBreakerMiddleware] = []
+
+    async def router(scope: Scope, receive: Receive, send: Send) -> None:
+        get_context(scope).extras["proxy.service"] = scope["path"].strip("/")
+        await current[-1](scope, receive, send)
+
+    def build(search: BreakerPolicy) -> CircuitBreakerMiddleware:
+        policies = {"billing": consecutive(1), "search": search}
+        return CircuitBreakerMiddleware(
+            upstream, key="upstream", policy=None, key_policies=policies, shared=shared, clock=manual_clock
+        )
+
+    current.append(build(consecutive(1)))
+    for path in ("/billing", "/search"):
+        await run_asgi(router, make_scope(path))
+    current.append(build(consecutive(5)))  # equal policy for billing (a new object), another for search
+    assert {k: v.state for k, v in current[-1].states().items()} == {"billing": "open"}
+    assert (await run_asgi(router, make_scope("/billing"))).status == 503
+    assert upstream.calls == 2  # the inherited open breaker refused without calling
+    for _ in range(4):
+        await run_asgi(router, make_scope("/search"))
+    assert current[-1].states()["search"].state == "closed"  # four failures under the new threshold of 5
+
+
+async def test_route_keyed_breakers_are_compared_on_their_next_request(manual_clock: ManualClock) -> None:
+    upstream = Upstream(manual_clock)
+    upstream.status = 500
+    shared = BreakerStates()
+
+    def build(orders: BreakerPolicy) -> CircuitBreakerMiddleware:
+        routes = [("/users/*", None, consecutive(1)), ("/orders/*", None, orders)]
+        return CircuitBreakerMiddleware(
+            upstream, policy=None, routes=routes, shared=shared, clock=manual_clock
+        )
+
+    old = build(consecutive(1))
+    await call(old, "/users/1")
+    await call(old, "/orders/1")
+    new = build(consecutive(3))  # the route decides the policy: nothing is forgotten before a request
+    assert {k: v.state for k, v in new.states().items()} == {"/users/*": "open", "/orders/*": "open"}
+    assert (await call(new, "/users/2")).status == 503  # unchanged: still open
+    assert (await call(new, "/orders/2")).status == 500  # changed: a new breaker under the new policy
+    assert new.states()["/orders/*"].state == "closed"
+
+
+async def test_a_replaced_middleware_never_resets_the_newer_ones_breaker(manual_clock: ManualClock) -> None:
+    upstream = Upstream(manual_clock)
+    upstream.status = 503
+    shared = BreakerStates()
+    old = CircuitBreakerMiddleware(
+        upstream, key="global", policy=consecutive(5), shared=shared, clock=manual_clock
+    )
+    new = CircuitBreakerMiddleware(
+        upstream, key="global", policy=consecutive(1), shared=shared, clock=manual_clock
+    )
+    await call(new)
+    assert new.states()["*"].state == "open"
+    assert (await call(old)).status == 503  # a request still on the old stack: its own breaker, counted apart
+    assert new.states()["*"].state == "open" and upstream.calls == 2
 
 
 async def test_decisions_record_allow_trial_and_reject(manual_clock: ManualClock) -> None:

@@ -242,6 +242,21 @@ async def test_middleware_aclose_closes_created_clients(clock: ManualClock) -> N
         await app.aclose()
 
 
+async def test_given_caches_are_shared_and_left_to_their_owner(clock: ManualClock) -> None:
+    key = new_key("k1")
+    keys = JWKSApp(keys=[key])
+    async with serve(keys) as url:
+        cache = JWKSCache(url, clock=clock)
+        issuers = [JWTIssuer(ISSUER, AUDIENCE, ["ES256"], jwks_url=url)]
+        first = JWTAuthMiddleware(ok_app, issuers=issuers, jwks_caches={url: cache}, clock=clock)
+        assert await status(first, mint(key, now=NOW)) == 200
+        await first.aclose()  # not the given cache's to close: a rebuilt stack keeps using it
+        second = JWTAuthMiddleware(ok_app, issuers=issuers, jwks_caches={url: cache}, clock=clock)
+        assert await status(second, mint(key, now=NOW, jti="2")) == 200
+        assert keys.hits == 1  # the keys fetched for the first middleware served the second
+        await cache.aclose()
+
+
 async def test_cold_cache_raises_unavailable(clock: ManualClock) -> None:
     cache = JWKSCache(f"http://127.0.0.1:{free_port()}/", clock=clock)
     with pytest.raises(VerifierUnavailableError):

@@ -125,6 +125,19 @@ async def test_exact_values_after_a_scripted_sequence() -> None:
     assert value(found, "nexus_decisions_total", layer="ratelimit", outcome="deny") == 1
 
 
+async def test_wrapping_counts_into_the_same_series_around_another_app() -> None:
+    registry = CollectorRegistry()
+    first = MetricsMiddleware(ok_app, registry=registry, routes=["/a"])
+    await run_asgi(first, make_scope("/a"))
+    second = first.wrapping(ok_app)  # a rebuilt stack: no second registration, no reset
+    await run_asgi(second, make_scope("/a"))
+    assert second.app is ok_app and second.registry is registry
+    assert (
+        value(samples(registry), "nexus_http_requests_total", method="GET", route="/a", status_class="2xx")
+        == 2
+    )
+
+
 async def test_cardinality_stays_bounded_under_random_paths() -> None:
     registry = CollectorRegistry()
     app = MetricsMiddleware(ok_app, registry=registry, routes=["/api/items/{id}"])

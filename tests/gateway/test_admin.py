@@ -11,9 +11,10 @@ from nexus_middleware.context import Principal, publish_principal
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 from sample_gateway.app import GatewayEdge, create_app
 from sample_gateway.config import GatewayConfig, load_config, parse_config, stack_policy_changes
+from sample_gateway.mounts import StackSlot
 from sample_gateway.registry import MemoryRegistryStore
-from sample_gateway.runtime import GatewayRuntime
-from tests.support.asgi import make_scope, run_asgi
+from sample_gateway.runtime import GatewayRuntime, Mount
+from tests.support.asgi import make_scope, ok_app, run_asgi
 
 KEY = "s3cret-admin-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -248,36 +249,68 @@ async def test_admin_disabled_leaves_the_prefix_to_routing() -> None:
 
 
 @pytest.mark.parametrize(
-    ("change", "changed"),
+    "change",
     [
-        (
-            {
-                "path": "/users/*",
-                "service": "users",
-                "rate_limits": ["basic"],
-                "auth": "optional",
-                "roles": ["ops"],
-            },
-            "routes '/users/*'",
-        ),
-        ({"path": "/new/*", "service": "users", "auth": "required"}, "routes '/new/*'"),
-        (
-            {"path": "/users/*", "service": "users", "rate_limits": ["basic"], "max_concurrent": 5},
-            "routes '/users/*'",
-        ),
+        {
+            "path": "/users/*",
+            "service": "users",
+            "rate_limits": ["basic"],
+            "auth": "optional",
+            "roles": ["ops"],
+        },
+        {"path": "/new/*", "service": "users", "auth": "required"},
+        {"path": "/users/*", "service": "users", "rate_limits": ["basic"], "max_concurrent": 5},
     ],
 )
-async def test_a_reload_that_changes_a_stack_policy_is_refused(change: dict[str, Any], changed: str) -> None:
+async def test_a_reload_that_changes_a_stack_policy_rebuilds_the_stack(change: dict[str, Any]) -> None:
     auth = {"api_keys": {"keys": []}}
     app, runtime = gateway(auth=auth)
-    running = runtime.config
+    stack = app.app
     body = json.dumps(config_data(routes=[change], auth=auth))
     async with client(app) as http:
-        refused = await http.post("/_admin/reload", headers=AUTH, content=body)
-        plain = json.dumps(config_data(routes=[{"path": "/plain/*", "service": "users"}], auth=auth))
-        accepted = await http.post("/_admin/reload", headers=AUTH, content=plain)
-    assert refused.status_code == 409 and refused.json()["changed"] == [changed]
-    assert accepted.status_code == 200 and runtime.config is not running
+        rebuilt = await http.post("/_admin/reload", headers=AUTH, content=body)
+    assert rebuilt.status_code == 200 and rebuilt.json()["rebuilt"] == ["routes"]
+    assert app.app is not stack and runtime.config.routes[0].path == change["path"]
+
+
+async def test_a_reload_without_policy_changes_keeps_the_stack() -> None:
+    app, runtime = gateway()
+    stack, hooks = app.app, list(runtime.header_hooks)
+    data = config_data()
+    data["services"][0]["targets"] = [{"url": "http://127.0.0.1:9011", "id": "u9"}]
+    async with client(app) as http:
+        reloaded = await http.post("/_admin/reload", headers=AUTH, content=json.dumps(data))
+    assert reloaded.status_code == 200 and reloaded.json()["rebuilt"] == []
+    assert app.app is stack and runtime.header_hooks == hooks
+    assert [target.id for target in runtime.registry.targets("users")] == ["u9"]
+
+
+async def test_a_rebuild_that_fails_keeps_the_running_stack_and_config() -> None:
+    app, runtime = gateway()
+    stack, running = app.app, runtime.config
+
+    def broken(inner: ASGIApp, config: Any, runtime: GatewayRuntime) -> ASGIApp:
+        raise RuntimeError("the factory failed")
+
+    # A stack served elsewhere whose factory fails: nothing of the build is served, the edge included.
+    runtime.mounts.append(Mount([("broken", broken)], ok_app, StackSlot(ok_app)))
+    body = json.dumps(config_data(routes=[{"path": "/users/*", "service": "users", "max_body_size": 10}]))
+    async with client(app) as http:
+        failed = await http.post("/_admin/reload", headers=AUTH, content=body)
+    assert failed.status_code == 500 and failed.headers["content-type"] == "application/problem+json"
+    assert failed.json()["error"] == "RuntimeError: the factory failed"
+    assert "running configuration is kept" in failed.json()["detail"]
+    assert app.app is stack and runtime.config is running
+
+
+async def test_restart_keys_keep_their_running_values() -> None:
+    app, runtime = gateway()
+    body = json.dumps(config_data(listen={"port": 9999}, storage={"default": "redis://127.0.0.1:1/0"}))
+    async with client(app) as http:
+        reloaded = await http.post("/_admin/reload", headers=AUTH, content=body)
+    assert reloaded.json()["restart_required_for"] == ["listen", "storage"]
+    assert runtime.config.listen.port == 8080 and runtime.config.storage.default == "memory://"
+    assert reloaded.json()["rebuilt"] == []
 
 
 def _routes(*routes: dict[str, Any]) -> GatewayConfig:
@@ -293,21 +326,12 @@ OPEN = {"path": "/open", "service": "users"}
 @pytest.mark.parametrize(
     ("running", "new", "changed"),
     [
-        ([INTERNAL], [INTERNAL, PUBLIC], []),  # a new route without policies
-        (
-            [INTERNAL],
-            [{**INTERNAL, "host": "public.example.com"}],
-            ["routes '/admin/*' on 'public.example.com'"],
-        ),
-        (
-            [PUBLIC, INTERNAL],
-            [{**PUBLIC, "auth": "required"}, INTERNAL],
-            ["routes '/admin/*' on 'public.example.com'"],
-        ),
-        ([OPEN, CATCH_ALL], [CATCH_ALL], ["routes '/open' removed"]),  # the stack would keep /open open
-        ([OPEN, CATCH_ALL], [CATCH_ALL, OPEN], ["routes '/open' moved"]),
-        ([CATCH_ALL, OPEN], [CATCH_ALL], []),  # no route with policies after it
-        ([OPEN, CATCH_ALL], [OPEN, INTERNAL, CATCH_ALL], ["routes '/admin/*' on 'internal.example.com'"]),
+        ([INTERNAL], [INTERNAL], []),
+        ([INTERNAL], [INTERNAL, PUBLIC], ["routes"]),  # every route has an entry in the stack's tables
+        ([INTERNAL], [{**INTERNAL, "host": "public.example.com"}], ["routes"]),  # the guard moves host
+        ([PUBLIC, INTERNAL], [{**PUBLIC, "auth": "required"}, INTERNAL], ["routes"]),
+        ([OPEN, CATCH_ALL], [CATCH_ALL], ["routes"]),  # the stack must stop answering for /open
+        ([OPEN, CATCH_ALL], [CATCH_ALL, OPEN], ["routes"]),  # first match wins: order is a policy
     ],
 )
 def test_stack_policy_changes_see_hosts_and_route_order(
