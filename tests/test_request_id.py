@@ -1,4 +1,5 @@
 import logging
+import os
 from typing import Any
 
 import httpx
@@ -6,7 +7,7 @@ import pytest
 
 from nexus_middleware import ConfigurationError, RequestIDLogFilter, RequestIDMiddleware
 from nexus_middleware.context import current_context, current_request_id, get_context
-from nexus_middleware.request_id import parse_traceparent
+from nexus_middleware.request_id import _RandomIds, parse_traceparent
 from nexus_middleware.types import Receive, Scope, Send
 from tests.support.asgi import headers_app, make_scope, ok_app, run_asgi, streaming_app
 
@@ -295,3 +296,26 @@ async def test_over_httpx_transport() -> None:
     assert len(fresh.headers["x-request-id"]) == 32
     assert len(absent.headers["x-request-id"]) == 32
     assert fresh.headers["x-request-id"] != absent.headers["x-request-id"]
+
+
+def test_random_ids_are_unique_hex_across_refills() -> None:
+    ids = _RandomIds()
+    drawn = [ids() for _ in range(1000)]  # several draws of the pool
+    assert len(set(drawn)) == 1000
+    assert all(len(value) == 32 and int(value, 16) >= 0 and value == value.lower() for value in drawn)
+
+
+def test_random_ids_drawn_before_a_fork_are_not_handed_out_again_in_the_child() -> None:
+    ids = _RandomIds()
+    ids()  # the pool is filled in the parent
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next id and leave at once
+        os.write(write, ids().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert len(child) == 32
+    assert child != ids()  # the parent's next id, from the pool the child must not have reused
