@@ -5,6 +5,7 @@ from typing import Any
 from benchmarks.conftest import Driver, bare_app, bench, make_http_scope
 from nexus_middleware import ProblemDetailsMiddleware
 from nexus_middleware.paths import RouteEntry, RouteTable, normalize_path
+from nexus_middleware.types import Scope
 
 
 def test_problem_details_middleware(benchmark: Any, driver: Driver) -> None:
@@ -37,7 +38,7 @@ _HOSTED: list[RouteEntry[str]] = [
 ]
 
 
-def _lookup(table: RouteTable[str], scope: dict[str, Any]) -> str | None:
+def _lookup(table: RouteTable[str], scope: Scope) -> str | None:
     # What a layer does per request: pick the request's table, then look the path up in it.
     return table.for_request(scope).lookup("/api/items/42", "GET")
 

@@ -32,7 +32,7 @@ def test_body_limit_unframed_get(benchmark: Any, driver: Driver) -> None:
 
 
 def test_body_limit_with_route_limits(benchmark: Any, driver: Driver) -> None:
-    app = BodySizeLimitMiddleware(bare_app, route_limits={"/upload": None, "/api/items/{id}": 4096})
+    app = BodySizeLimitMiddleware(bare_app, routes={"/upload": None, "/api/items/{id}": 4096})
     bench(benchmark, driver, "BodySizeLimitMiddleware (route limits)", app)
 
 

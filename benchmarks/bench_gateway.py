@@ -6,17 +6,25 @@ adds around the proxy. The load benchmark (docs/performance.md) measures the who
 """
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
+from typing import Any
 
 import pytest
 
 from benchmarks.conftest import BASELINE, Driver, NoopMiddleware, bare_app, bench
+from nexus_middleware.headers import RawHeaders
 from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
-from sample_gateway.app import create_app
+from sample_gateway.app import Forwarder, create_app
 from sample_gateway.config import parse_config
-from sample_gateway.contracts import AttemptObserver, TargetSelector
+from sample_gateway.contracts import AttemptObserver, TargetSelector, UpstreamPolicy
 from sample_gateway.runtime import GatewayRuntime
+from sample_gateway.upstream_client import (
+    ClientKind,
+    Origin,
+    UpstreamClient,
+    UpstreamResponse,
+    UpstreamWebSocket,
+)
 
 GROUP = "gateway"
 
@@ -24,9 +32,16 @@ GROUP = "gateway"
 class LocalForwarder:
     # A `Forwarder`: the policy and the upstream path are the proxy's business, not used here.
     async def forward(
-        self, scope: Scope, receive: Receive, send: Send, *, selector: TargetSelector, **options: object
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        selector: TargetSelector,
+        policy: UpstreamPolicy,
+        path: str,
+        observer: AttemptObserver | None = None,
     ) -> None:
-        observer = cast("AttemptObserver | None", options.get("observer"))
         target = await selector.select(scope)
         if target is None or observer is None:
             raise RuntimeError("the benchmark config has a healthy target and an observer")
@@ -36,8 +51,41 @@ class LocalForwarder:
 
     forward_websocket = forward  # the benchmark sends no websocket; this keeps it a whole `Forwarder`
 
+
+class NoUpstream:
+    # An `UpstreamClient` for the data plane's other half: the local forwarder never opens an exchange.
+    kind: ClientKind = "httpx"
+
+    async def open(
+        self,
+        method: str,
+        origin: Origin,
+        target: str,
+        headers: RawHeaders,
+        body: AsyncIterable[bytes] | bytes | None,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> UpstreamResponse:
+        raise RuntimeError("the benchmark's forwarder does not go upstream")
+
+    async def open_websocket(
+        self,
+        origin: Origin,
+        target: str,
+        headers: RawHeaders,
+        *,
+        protocols: Sequence[str],
+        connect_timeout: float,
+    ) -> UpstreamWebSocket:
+        raise RuntimeError("the benchmark's forwarder does not go upstream")
+
     async def aclose(self) -> None:
         return None
+
+
+def _local_data_plane(runtime: GatewayRuntime) -> tuple[Forwarder, UpstreamClient]:
+    return LocalForwarder(), NoUpstream()
 
 
 def gateway(strategy: str = "round_robin", **route: Any) -> ASGIApp:
@@ -62,16 +110,14 @@ def gateway(strategy: str = "round_robin", **route: Any) -> ASGIApp:
             "admin": {"api_keys": ["k"]},
         }
     )
-    forwarder = LocalForwarder()
-    return create_app(
-        config, runtime=GatewayRuntime(config), data_plane=lambda runtime: (forwarder, forwarder)
-    )
+    return create_app(config, runtime=GatewayRuntime(config), data_plane=_local_data_plane)
 
 
 async def _lifespan(app: ASGIApp) -> Callable[[], Awaitable[None]]:
     inbox: asyncio.Queue[Message] = asyncio.Queue()
     outbox: asyncio.Queue[Message] = asyncio.Queue()
-    task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, outbox.put))
+    # An ASGI app returns an awaitable, not necessarily a coroutine: `ensure_future` takes either.
+    task = asyncio.ensure_future(app({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, outbox.put))
     await inbox.put({"type": "lifespan.startup"})
     assert (await outbox.get())["type"] == "lifespan.startup.complete"
 

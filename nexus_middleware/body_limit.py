@@ -6,6 +6,7 @@ never handed to the app; `receive()` raises `RequestBodyTooLargeError` instead, 
 the response has not started, or a reset connection if it has (never a clean but truncated response).
 """
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
 from typing import Any, Literal
@@ -49,27 +50,37 @@ class BodySizeLimitMiddleware:
         /,
         *,
         max_body_size: int | None = 1_048_576,
-        route_limits: RouteLimits | None = None,
+        routes: RouteLimits | None = None,
         max_header_count: int | None = 100,
         max_header_bytes: int | None = 32_768,
         max_url_length: int | None = 8_192,
+        route_limits: RouteLimits | None = None,
     ) -> None:
+        if route_limits is not None:  # the old name of `routes`, before every middleware said `routes`
+            if routes is not None:
+                raise ConfigurationError("pass routes= only (route_limits= is its deprecated alias)")
+            warnings.warn(
+                "BodySizeLimitMiddleware(route_limits=...) is deprecated; use routes=...",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            routes = route_limits
         self.app = app
         self._max_body = _limit("max_body_size", max_body_size)
         self._max_header_count = _limit("max_header_count", max_header_count)
         self._max_header_bytes = _limit("max_header_bytes", max_header_bytes)
         self._max_url = _limit("max_url_length", max_url_length)
         self._routes: RouteTable[int | None] | None = None
-        if route_limits:
+        if routes:
             entries: list[RouteEntry[int | None]] = []
-            if isinstance(route_limits, Mapping):
-                items: Iterable[object] = ((pattern, None, limit) for pattern, limit in route_limits.items())
+            if isinstance(routes, Mapping):
+                items: Iterable[object] = ((pattern, None, limit) for pattern, limit in routes.items())
             else:
-                items = route_limits
+                items = routes
             for entry in items:
                 if not isinstance(entry, tuple) or len(entry) not in (3, 4):
                     raise ConfigurationError(
-                        "route_limits entries must be (pattern, methods or None, limit[, host])"
+                        "routes entries must be (pattern, methods or None, limit[, host])"
                     )
                 pattern, methods, limit, *host = entry
                 if isinstance(methods, str):

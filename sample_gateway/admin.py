@@ -27,7 +27,8 @@ import hmac
 import html
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,19 @@ class _Refusal(Exception):
     def __init__(self, problem: Problem) -> None:
         super().__init__(problem.detail)
         self.problem = problem
+
+
+@contextmanager
+def _registry_refusals(service: str) -> Iterator[None]:
+    # How the registry's write errors are answered, the same for every endpoint that writes to it.
+    try:
+        yield
+    except UnknownServiceError:
+        raise _Refusal(Problem(404, f"No service named {service!r}.")) from None
+    except TargetConflictError as exc:
+        raise _Refusal(Problem(409, str(exc))) from None
+    except StorageError:
+        raise _Refusal(_STORE_DOWN) from None
 
 
 _Response = tuple[int, Any]
@@ -221,30 +235,20 @@ class AdminApp:
         data = request.json()
         if not isinstance(data, dict):
             raise _Refusal(Problem(400, "The body must be a JSON object describing the target."))
+        name = request.params["name"]
         try:
-            target = build_target(data)
-            await self.runtime.registry.register(request.params["name"], target)
-        except UnknownServiceError:
-            raise _Refusal(Problem(404, f"No service named {request.params['name']!r}.")) from None
-        except TargetConflictError as exc:
-            raise _Refusal(Problem(409, str(exc))) from None
-        except StorageError:
-            raise _Refusal(_STORE_DOWN) from None
-        except ConfigurationError as exc:
+            with _registry_refusals(name):
+                target = build_target(data)
+                await self.runtime.registry.register(name, target)
+        except ConfigurationError as exc:  # an invalid target; the registry's errors are _registry_refusals'
             raise _Refusal(Problem(400, str(exc))) from None
         self.runtime.sync_targets()
         return 201, target_to_dict(target)
 
     async def _deregister(self, request: _Request) -> _Response:
         name, target_id = request.params["name"], request.params["target_id"]
-        try:
+        with _registry_refusals(name):
             removed = await self.runtime.registry.deregister(name, target_id)
-        except UnknownServiceError:
-            raise _Refusal(Problem(404, f"No service named {name!r}.")) from None
-        except TargetConflictError as exc:
-            raise _Refusal(Problem(409, str(exc))) from None
-        except StorageError:
-            raise _Refusal(_STORE_DOWN) from None
         if not removed:
             raise _Refusal(Problem(404, f"No dynamic target {target_id!r} in {name!r}."))
         self.runtime.sync_targets()

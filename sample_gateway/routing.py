@@ -71,6 +71,7 @@ class CompiledRoute:
 
 # A NamedTuple rather than a frozen dataclass: as immutable, and built once per request, where a frozen
 # dataclass's __init__ (object.__setattr__ per field) costs about twice as much.
+# As a tuple it equals a plain tuple of the same fields; nothing compares matches (isinstance, attributes).
 class RouteMatch(NamedTuple):
     route: CompiledRoute
     choice: Choice

@@ -207,7 +207,7 @@ def _body_limit(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) ->
     routes = [
         (path, methods, default if limit is None else limit, host) for path, methods, limit, host in limits
     ]
-    return BodySizeLimitMiddleware(app, max_body_size=default, route_limits=routes)
+    return BodySizeLimitMiddleware(app, max_body_size=default, routes=routes)
 
 
 _AUTH_MODES: dict[str, AuthMode] = {"required": "required", "optional": "optional", "none": "exempt"}

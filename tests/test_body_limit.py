@@ -238,7 +238,7 @@ async def test_other_receive_messages_pass_through() -> None:
 
 
 @pytest.mark.parametrize(
-    ("route_limits", "path", "method", "size", "status"),
+    ("routes", "path", "method", "size", "status"),
     [
         ({"/upload": 100}, "/upload", "POST", 100, 200),
         ({"/upload": 100}, "/upload", "POST", 101, 413),
@@ -254,8 +254,8 @@ async def test_other_receive_messages_pass_through() -> None:
         ([("/upload", None, 20), ("*", None, 5)], "/upload", "POST", 20, 200),
     ],
 )
-async def test_route_limits(route_limits: Any, path: str, method: str, size: int, status: int) -> None:
-    middleware = BodySizeLimitMiddleware(EchoApp(), max_body_size=10, route_limits=route_limits)
+async def test_route_limits(routes: Any, path: str, method: str, size: int, status: int) -> None:
+    middleware = BodySizeLimitMiddleware(EchoApp(), max_body_size=10, routes=routes)
     scope = make_scope(path, method=method, headers=[("content-length", str(size))])
     recorded = await run_asgi(middleware, scope, body=[b"x" * size])
     assert recorded.status == status
@@ -280,7 +280,7 @@ HOST_LIMITS = [
     ],
 )
 async def test_route_limits_follow_the_host(host: str | None, method: str, size: int, status: int) -> None:
-    middleware = BodySizeLimitMiddleware(EchoApp(), max_body_size=10, route_limits=HOST_LIMITS)
+    middleware = BodySizeLimitMiddleware(EchoApp(), max_body_size=10, routes=HOST_LIMITS)
     headers = [("content-length", str(size))] + ([] if host is None else [("host", host)])
     recorded = await run_asgi(
         middleware, make_scope("/upload", method=method, headers=headers), body=[b"x" * size]
@@ -288,16 +288,37 @@ async def test_route_limits_follow_the_host(host: str | None, method: str, size:
     assert recorded.status == status
 
 
+async def test_route_limits_is_a_deprecated_alias_of_routes() -> None:
+    with pytest.warns(DeprecationWarning, match=r"route_limits=.*use routes="):
+        middleware = BodySizeLimitMiddleware(EchoApp(), max_body_size=10, route_limits={"/upload": 100})
+    for size, status in [(100, 200), (101, 413)]:
+        scope = make_scope("/upload", method="POST", headers=[("content-length", str(size))])
+        assert (await run_asgi(middleware, scope, body=[b"x" * size])).status == status
+    other = make_scope("/other", method="POST", headers=[("content-length", "11")])
+    assert (await run_asgi(middleware, other, body=[b"x" * 11])).status == 413
+
+
+def test_routes_alone_does_not_warn() -> None:
+    # filterwarnings=error turns any warning into a failure here
+    BodySizeLimitMiddleware(ok_app, routes={"/upload": 100})
+
+
+@pytest.mark.parametrize("route_limits", [{"/upload": 100}, {}])
+def test_routes_and_route_limits_together_raise(route_limits: dict[str, int]) -> None:
+    with pytest.raises(ConfigurationError, match="routes= only"):
+        BodySizeLimitMiddleware(ok_app, routes={"/upload": 100}, route_limits=route_limits)
+
+
 async def test_unlimited_route_streams_any_size() -> None:
     app = EchoApp()
-    middleware = BodySizeLimitMiddleware(app, max_body_size=1, route_limits={"/upload": None})
+    middleware = BodySizeLimitMiddleware(app, max_body_size=1, routes={"/upload": None})
     recorded = await run_asgi(middleware, make_scope("/upload", method="POST"), body=[b"x" * 1000] * 5)
     assert recorded.body == b"5000"
 
 
 async def test_path_that_fails_normalization_is_400_when_routes_are_matched() -> None:
     app = EchoApp()
-    middleware = BodySizeLimitMiddleware(app, route_limits={"/upload": None})
+    middleware = BodySizeLimitMiddleware(app, routes={"/upload": None})
     scope = make_scope("/up", method="POST", raw_path=b"/up%00load")
     recorded = await run_asgi(middleware, scope)
     assert recorded.status == 400
@@ -416,11 +437,11 @@ async def test_websocket_within_limits_and_lifespan_pass_through() -> None:
         {"max_header_count": -5},
         {"max_header_bytes": "1k"},
         {"max_url_length": -1},
-        {"route_limits": {"upload": 10}},
-        {"route_limits": {"/upload": -1}},
-        {"route_limits": [("/upload", 10)]},
-        {"route_limits": [("/upload", "POST", 10)]},
-        {"route_limits": ["/upload"]},
+        {"routes": {"upload": 10}},
+        {"routes": {"/upload": -1}},
+        {"routes": [("/upload", 10)]},
+        {"routes": [("/upload", "POST", 10)]},
+        {"routes": ["/upload"]},
     ],
 )
 def test_invalid_options_raise_configuration_error(options: dict[str, Any]) -> None:

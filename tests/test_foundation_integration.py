@@ -113,7 +113,7 @@ def fastapi_app(seen: Seen) -> FastAPI:
 
 def _stack(app: Starlette) -> None:
     app.add_middleware(
-        BodySizeLimitMiddleware, max_body_size=64, max_header_bytes=8192, route_limits={"/big-upload": 4096}
+        BodySizeLimitMiddleware, max_body_size=64, max_header_bytes=8192, routes={"/big-upload": 4096}
     )
     app.add_middleware(SecurityHeadersMiddleware, preset="api")
     app.add_middleware(RequestIDMiddleware)

@@ -195,7 +195,7 @@ ROUTED: dict[str, Callable[[ASGIApp], ASGIApp]] = {
         app, store=MemoryAPIKeyStore(API_KEYS), exempt=["/health"]
     ),
     "RBACMiddleware": rbac,
-    "BodySizeLimitMiddleware": lambda app: BodySizeLimitMiddleware(app, route_limits={"/uploads/*": 10}),
+    "BodySizeLimitMiddleware": lambda app: BodySizeLimitMiddleware(app, routes={"/uploads/*": 10}),
     "CircuitBreakerMiddleware": lambda app: CircuitBreakerMiddleware(app, routes=ORDERS_UNPROTECTED),
     "ConcurrencyLimitMiddleware": lambda app: ConcurrencyLimitMiddleware(
         app, routes=[("/orders", None, None)]

@@ -182,6 +182,34 @@ async def wait_until_up(client: httpx.AsyncClient, url: str, process: asyncio.su
             await asyncio.sleep(0.1)
 
 
+WORK = ("nexus_http_requests_total", (("method", "GET"), ("route", "/work/{n}"), ("status_class", "2xx")))
+UNMATCHED = (
+    "nexus_http_requests_total",
+    (("method", "GET"), ("route", "unmatched"), ("status_class", "4xx")),
+)
+IN_FLIGHT = ("nexus_http_requests_in_flight", (("method", "GET"),))
+
+
+async def scrape_when_settled(
+    client: httpx.AsyncClient, url: str, *, work: int, unmatched: int
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    # MetricsMiddleware counts a request in its `finally`, after the response went out: the client can hold
+    # a worker's response before that worker has written its count, so one scrape from the other worker may
+    # not see it yet. Scrape until every count has arrived (counters only grow; the caller then asserts the
+    # exact values), or the deadline passes and the caller's assertions report the last scrape.
+    deadline = time.monotonic() + 30
+    while True:
+        found = parse((await client.get(url + "/metrics")).text)
+        settled = (
+            found.get(WORK, 0) >= work
+            and found.get(UNMATCHED, 0) >= unmatched
+            and found.get(IN_FLIGHT, 0) <= 1  # only the scrape itself
+        )
+        if settled or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.05)  # a poll interval, not a synchronization
+
+
 @pytest.mark.e2e
 async def test_multiprocess_mode_aggregates_two_worker_processes(tmp_path: Path) -> None:
     multiprocess_dir = tmp_path / "prometheus"
@@ -205,27 +233,17 @@ async def test_multiprocess_mode_aggregates_two_worker_processes(tmp_path: Path)
             for _ in range(5):
                 pids.add((await client.get(urls[1] + "/work/2")).text)
             assert (await client.get(urls[1] + "/nope")).status_code == 404
-            scrape = await client.get(urls[0] + "/metrics")
+            # Each worker also answered one readiness probe on /work/0.
+            found = await scrape_when_settled(client, urls[0], work=3 + 5 + 2, unmatched=1)
     finally:
         for worker in workers:
             worker.terminate()
         for worker in workers:
             await asyncio.wait_for(worker.wait(), timeout=30)
     assert pids == {str(worker.pid) for worker in workers}
-    found = parse(scrape.text)
-    work = (("method", "GET"), ("route", "/work/{n}"), ("status_class", "2xx"))
-    # Each worker also answered one readiness probe on /work/0.
-    assert found[("nexus_http_requests_total", work)] == 3 + 5 + 2
-    assert (
-        found[
-            (
-                "nexus_http_requests_total",
-                (("method", "GET"), ("route", "unmatched"), ("status_class", "4xx")),
-            )
-        ]
-        == 1
-    )
-    assert found[("nexus_http_requests_in_flight", (("method", "GET"),))] == 1  # the scrape itself
+    assert found[WORK] == 3 + 5 + 2
+    assert found[UNMATCHED] == 1
+    assert found[IN_FLIGHT] == 1  # the scrape itself
     assert len(list(multiprocess_dir.glob("*.db"))) >= 2
 
 

@@ -8,9 +8,11 @@ import httpx
 import pytest
 
 from nexus_middleware.context import Principal, publish_principal
+from nexus_middleware.errors import StorageError
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 from sample_gateway.app import GatewayEdge, create_app
 from sample_gateway.config import GatewayConfig, load_config, parse_config, stack_policy_changes
+from sample_gateway.contracts import Target
 from sample_gateway.mounts import StackSlot
 from sample_gateway.registry import MemoryRegistryStore
 from sample_gateway.runtime import GatewayRuntime, Mount
@@ -144,6 +146,34 @@ async def test_register_and_deregister_targets() -> None:
     assert static.status_code == 409
     assert removed.status_code == 200 and again.status_code == 404
     assert [t.id for t in runtime.registry.targets("users")] == ["u1"]
+
+
+class DownStore(MemoryRegistryStore):
+    async def put(self, service: str, target: Target) -> None:
+        raise StorageError("registry store down")
+
+    async def remove(self, service: str, target_id: str) -> bool:
+        raise StorageError("registry store down")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/_admin/services/{service}/targets"), ("DELETE", "/_admin/services/{service}/targets/u2")],
+)
+async def test_registry_writes_refuse_unknown_services_and_store_outages_alike(
+    method: str, path: str
+) -> None:
+    body = {"url": "http://127.0.0.1:9010", "id": "u2"}
+    app, _ = gateway()
+    config = parse_config(config_data())
+    down = create_app(config, runtime=GatewayRuntime(config, registry_store=DownStore()))
+    async with client(app) as http, client(down) as http_down:
+        unknown = await http.request(method, path.format(service="nope"), headers=AUTH, json=body)
+        outage = await http_down.request(method, path.format(service="users"), headers=AUTH, json=body)
+    assert unknown.status_code == 404
+    assert unknown.json()["detail"] == "No service named 'nope'."
+    assert outage.status_code == 503
+    assert outage.json()["detail"] == "The registry store is unavailable; try again."
 
 
 async def test_breakers_hook() -> None:
