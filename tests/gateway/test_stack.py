@@ -112,3 +112,29 @@ async def test_a_route_without_policies_never_meets_the_next_matching_routes() -
     assert (await run_asgi(app, make_scope("/ops/deploy"))).status == 401
     big = make_scope("/ops/deploy", method="POST", headers=[("content-length", "10")])
     assert (await run_asgi(app, big, body=[b"x" * 10])).status == 413
+
+
+def _layers(**sections: Any) -> list[str]:
+    cfg = parse_config(
+        {
+            "services": [{"name": "s", "targets": [{"url": "http://127.0.0.1:9001"}]}],
+            "routes": [{"path": "/*", "service": "s"}],
+            "admin": {"api_keys": ["k"]},
+            **sections,
+        },
+        environ={},
+    )
+    runtime = GatewayRuntime(cfg, registry_store=MemoryRegistryStore())
+    build_stack(ok_app, cfg, runtime)
+    return runtime.layers
+
+
+def test_a_token_location_keeps_the_jwt_layer_even_when_no_route_authenticates() -> None:
+    issuers = [{"issuer": "https://i/", "jwks_url": "https://i/jwks", "audiences": ["a"]}]
+    assert "auth" not in _layers(auth={"issuers": issuers})  # nothing to read, nothing to strip
+    assert "auth" in _layers(auth={"issuers": issuers, "location": {"cookie": "access_token"}})
+
+
+def test_a_websocket_message_limit_alone_turns_the_limiter_on() -> None:
+    assert "rate_limits" not in _layers()
+    assert "rate_limits" in _layers(rate_limits={"websocket_messages": ["5/second"]})
