@@ -83,6 +83,7 @@ from nexus_middleware import (
     RateLimitPolicy,
     RBACMiddleware,
     RBACRule,
+    Redactor,
     RedisAPIKeyStore,
     RedisBreakerSync,
     RequestIDMiddleware,
@@ -97,6 +98,7 @@ from nexus_middleware.bearer import AuthMode
 from nexus_middleware.errors import ConfigurationError
 from nexus_middleware.ratelimit_backends import LimiterBackend, limiter_backend
 from nexus_middleware.ratelimit_policy import OutagePolicy
+from nexus_middleware.redaction import DEFAULT_SECRET_KEYS
 from nexus_middleware.storage import redis_client_from_url
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 from sample_gateway.config import ApiKeySourceConfig, GatewayConfig, RateLimitPolicyConfig
@@ -188,7 +190,11 @@ def _tracing(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> AS
 def _access_log(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
     if not config.metrics.access_log:
         return None
-    return AccessLogMiddleware(app, client_resolver=runtime.resolver)
+    # The JWT layer strips a query token, but a request refused before it (a 414 from the body-limit layer)
+    # still carries one: its parameter is masked like the usual secret names.
+    query = config.auth.location.query
+    redactor = None if query is None else Redactor(secret_keys=DEFAULT_SECRET_KEYS | {query})
+    return AccessLogMiddleware(app, client_resolver=runtime.resolver, redactor=redactor)
 
 
 def _security_headers(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
