@@ -935,3 +935,30 @@ async def test_only_websockets_with_an_expiring_token_are_watched(
     if scope_type == "http":
         await wrapped(make_scope("/", headers=bearer(mint(ec_key, now=NOW))), peer.receive, peer.send)
         assert calls[1] == (peer.receive, peer.send)
+
+
+async def test_after_expiry_receive_keeps_answering_disconnect_and_a_failed_close_is_swallowed(
+    ec_key: ECKey, clock: ManualClock, skew: Skew
+) -> None:
+    after: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        after.append(await receive())
+        after.append(await receive())  # asked again: the session is still over
+
+    class GonePeer(Peer):
+        async def send(self, message: Message) -> None:
+            if message["type"] == "websocket.close":
+                raise OSError("the client left meanwhile")  # what a server raises on a dead connection
+            await super().send(message)
+
+    wrapped = JWTAuthMiddleware(app, issuers=[issuer_for(ec_key)], clock=clock)
+    peer = GonePeer()
+    _, session = start_session(wrapped, mint(ec_key, now=NOW), peer)
+    assert await asyncio.wait_for(peer.sent.get(), 5) == {"type": "websocket.accept"}
+    skew.advance(3600)
+    await asyncio.wait_for(session, 5)  # the failed close does not fail the session
+    assert after == [{"type": "websocket.disconnect", "code": 1008}] * 2
+    assert peer.drained() == []
