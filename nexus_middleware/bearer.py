@@ -6,6 +6,7 @@ subclass `BearerGate`, so a route is required/optional/exempt, a token is found,
 whichever of them is in front.
 """
 
+import asyncio
 import hashlib
 import logging
 from collections import OrderedDict
@@ -17,6 +18,7 @@ from urllib.parse import unquote_to_bytes
 
 import httpx
 
+from nexus_middleware.clock import SYSTEM_CLOCK, Clock
 from nexus_middleware.context import (
     ANONYMOUS,
     AUTH_MODES,
@@ -36,7 +38,7 @@ from nexus_middleware.errors import (
 from nexus_middleware.headers import get_headers
 from nexus_middleware.paths import INVALID_PATH, RouteEntry, RouteTable, request_path
 from nexus_middleware.problem import Problem, send_problem
-from nexus_middleware.types import ASGIApp, Receive, Scope, Send
+from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
     "AuthMode",
@@ -138,10 +140,16 @@ class ClaimMapping:
 @dataclass(frozen=True, slots=True)
 class TokenLocation:
     """Where a bearer token is read. `Authorization: Bearer` always; a cookie or a query parameter only when
-    named here (query parameters end up in logs and browser history: RFC 6750 §5.3)."""
+    named here (query parameters end up in logs and browser history: RFC 6750 §5.3).
+
+    With `strip` (the default), the named cookie and query parameter are removed from the scope before
+    anything else happens, on every http and websocket scope the authenticator sees: the app, a proxy
+    behind it and the server's access log never see the credential. `strip=False` leaves them in place.
+    """
 
     cookie: str | None = None
     query: str | None = None
+    strip: bool = True
 
     def __post_init__(self) -> None:
         if self.cookie is not None and not self.cookie:
@@ -213,6 +221,9 @@ class BearerGate:
         default: AuthMode,
         location: TokenLocation,
         realm: str | None,
+        close_expired_websockets: bool = False,
+        leeway: float = 0.0,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if default not in AUTH_MODES:
             raise ConfigurationError(f"default must be one of {sorted(AUTH_MODES)}, not {default!r}")
@@ -227,6 +238,10 @@ class BearerGate:
         self._routes: RouteTable[AuthMode] | None = RouteTable(entries) if entries else None
         self._default = default
         self._location = location
+        self._strip = location.strip and (location.cookie is not None or location.query is not None)
+        self._close_expired = close_expired_websockets
+        self._leeway = leeway
+        self._session_clock = clock  # not `_clock`: a subclass keeps its own
         self._scheme = "Bearer" if realm is None else f'Bearer realm="{realm}"'
         # Decisions are immutable, so the hot path appends one built here instead of building one per request.
         self._allow = Decision(_LAYER, "allow", details=MappingProxyType({"method": method}))
@@ -263,8 +278,11 @@ class BearerGate:
         found = self._routes.for_request(scope).lookup(request_path(scope), scope.get("method", "GET"))
         return self._default if found is None else found
 
-    def _token(self, scope: Scope) -> bytes | None:
-        """The presented token, or None. Raises `InvalidTokenError("invalid_request")` when ambiguous."""
+    def _token(self, scope: Scope, taken: list[bytes] | None) -> bytes | None:
+        """The presented token, or None. Raises `InvalidTokenError("invalid_request")` when ambiguous.
+
+        `taken` holds the cookie and query tokens `_take` already removed from the scope (None: not stripped).
+        """
         headers = scope["headers"]
         found: list[bytes] = []
         values = get_headers(headers, b"authorization")
@@ -278,19 +296,42 @@ class BearerGate:
                     raise InvalidTokenError("invalid_request", "The Bearer credentials are empty")
                 found.append(credentials)
         location = self._location
-        if location.cookie is None and location.query is None:
+        if taken is not None:
+            found.extend(taken)
+        elif location.cookie is None and location.query is None:
             return found[0] if found else None
-        if location.cookie is not None:
-            found.extend(_cookie_values(headers, location.cookie))
-        if location.query is not None:
-            found.extend(_query_values(scope.get("query_string", b""), location.query))
+        else:
+            if location.cookie is not None:
+                found.extend(_split_cookies(headers, location.cookie)[0])
+            if location.query is not None:
+                found.extend(_split_query(scope.get("query_string", b""), location.query)[0])
         if not found:
             return None
         if len(found) > 1:  # RFC 6750 §2: a client must not use more than one method
             raise InvalidTokenError("invalid_request", "The token was presented more than once")
         return found[0]
 
+    def _take(self, scope: Scope) -> list[bytes]:
+        """The cookie and query tokens, removed from the scope (in place, so the server's own access log
+        sees the stripped query too) before any refusal or route lookup can happen."""
+        location = self._location
+        found: list[bytes] = []
+        if location.cookie is not None:
+            values, headers = _split_cookies(scope["headers"], location.cookie)
+            if headers is not None:
+                scope["headers"] = headers
+                found.extend(values)
+        if location.query is not None:
+            query = scope.get("query_string", b"")
+            if query:
+                values, rest = _split_query(query, location.query)
+                if rest is not None:
+                    scope["query_string"] = rest
+                    found.extend(values)
+        return found
+
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        taken = self._take(scope) if self._strip else None
         try:
             mode = self._mode(scope)
         except InvalidPathError:
@@ -301,7 +342,7 @@ class BearerGate:
             return
         context = get_context(scope)
         try:
-            token = self._token(scope)
+            token = self._token(scope, taken)
             # The app runs outside this try: its own exceptions must propagate, never become a refusal.
             principal = None if token is None else await self._authenticate(token, scope)
         except InvalidTokenError as exc:
@@ -334,6 +375,14 @@ class BearerGate:
             context.record(_LAYER, "deny", reason="missing_credentials", method=self._method)
             await self._refuse(scope, send, 401, "Authentication is required", self._www_authenticate())
             return
+        if scope["type"] == "websocket" and self._close_expired and principal is not None:
+            expires_at = principal.expires_at
+            if expires_at is not None:
+                session = _ExpiringSession(
+                    self.app, expires_at + self._leeway, self._session_clock, self._method
+                )
+                await session(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
     async def _refuse(
@@ -356,25 +405,155 @@ class BearerGate:
         )
 
 
-def _cookie_values(headers: Iterable[tuple[bytes, bytes]], name: str) -> list[bytes]:
+_EXPIRED_REASON = "The token expired"
+
+
+class _ExpiringSession:
+    """One accepted websocket whose credential expires at `deadline` (wall clock, leeway included).
+
+    At the deadline the client gets `websocket.close` 1008 and the app gets `websocket.disconnect` from
+    `receive` (a relay ends and closes its upstream side); whatever the app sends afterwards is dropped.
+    Nothing is sent once the app closed or the client left, and the timer goes with the session.
+    """
+
+    __slots__ = (
+        "_app",
+        "_clock",
+        "_closer",
+        "_deadline",
+        "_ended",
+        "_expired",
+        "_method",
+        "_pending",
+        "_timer",
+        "_wake",
+    )
+
+    def __init__(self, app: ASGIApp, deadline: float, clock: Clock, method: AuthMethod) -> None:
+        self._app = app
+        self._deadline = deadline
+        self._clock = clock
+        self._method = method
+        self._timer: asyncio.TimerHandle | None = None
+        self._wake: asyncio.Future[None] | None = None  # armed at accept, resolved at expiry
+        self._pending: asyncio.Future[Message] | None = None  # a receive() that outlived its caller
+        self._closer: asyncio.Task[None] | None = None
+        self._ended = False  # the app closed or refused, or the client left: never send our close
+        self._expired = False  # we closed: the app's later messages are dropped
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_watched(message: Message) -> None:
+            if self._expired:
+                return  # we closed the connection for the app; it learns so from receive
+            kind = message["type"]
+            if kind == "websocket.accept":
+                await send(message)
+                self._arm(scope, send)
+                return
+            if kind == "websocket.close" or kind == "websocket.http.response.start":
+                self._end()
+            await send(message)
+
+        async def receive_watched() -> Message:
+            wake = self._wake
+            if wake is None:  # not accepted yet (or already ended): nothing to race
+                return await receive()
+            if wake.done():  # resolved at expiry only
+                return {"type": "websocket.disconnect", "code": 1008}
+            pending = self._pending
+            if pending is None:
+                pending = self._pending = asyncio.ensure_future(receive())
+            if not pending.done():
+                await asyncio.wait((pending, wake), return_when=asyncio.FIRST_COMPLETED)
+            if wake.done():  # a message that raced the expiry is dropped with the session
+                return {"type": "websocket.disconnect", "code": 1008}
+            self._pending = None
+            message = pending.result()
+            if message["type"] == "websocket.disconnect":
+                self._end()
+            return message
+
+        try:
+            await self._app(scope, receive_watched, send_watched)
+        finally:
+            self._end()
+            pending = self._pending
+            if pending is not None and not pending.cancel() and not pending.cancelled():
+                pending.exception()  # retrieved: a receive that failed after the app stopped listening
+            if self._closer is not None:
+                await self._closer
+
+    def _arm(self, scope: Scope, send: Send) -> None:
+        if self._ended or self._wake is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._wake = loop.create_future()
+        delay = max(0.0, self._deadline - self._clock.time())
+        self._timer = loop.call_later(delay, self._expire, scope, send, loop)
+
+    def _end(self) -> None:
+        self._ended = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self, scope: Scope, send: Send, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        if self._ended:
+            return
+        self._ended = self._expired = True
+        get_context(scope).record(_LAYER, "deny", reason="expired", method=self._method)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+        self._closer = loop.create_task(self._close(send))
+
+    @staticmethod
+    async def _close(send: Send) -> None:
+        try:
+            await send({"type": "websocket.close", "code": 1008, "reason": _EXPIRED_REASON})
+        except Exception as exc:  # the client left meanwhile: the server refuses the send
+            logger.debug("closing an expired websocket failed: %r", exc)
+
+
+def _split_cookies(
+    headers: Iterable[tuple[bytes, bytes]], name: str
+) -> tuple[list[bytes], list[tuple[bytes, bytes]] | None]:
+    """The non-empty values of cookie `name`, and the headers without it (None when it is absent)."""
     wanted = name.encode("latin-1")
     found: list[bytes] = []
-    for value in get_headers(headers, b"cookie"):
-        for pair in value.split(b";"):
+    rest: list[tuple[bytes, bytes]] = []
+    removed = False
+    for header in headers:
+        if header[0] != b"cookie":
+            rest.append(header)
+            continue
+        kept: list[bytes] = []
+        for pair in header[1].split(b";"):
             key, sep, content = pair.strip().partition(b"=")
-            if sep and key == wanted and content:
+            if key != wanted:
+                kept.append(pair.strip())
+                continue
+            removed = True
+            if sep and content:
                 found.append(content.strip(b'"'))
-    return found
+        if kept:
+            rest.append((b"cookie", b"; ".join(kept)))
+    return found, rest if removed else None
 
 
-def _query_values(query: bytes, name: str) -> list[bytes]:
+def _split_query(query: bytes, name: str) -> tuple[list[bytes], bytes | None]:
+    """The non-empty values of query parameter `name`, and the query without it (None when it is absent)."""
     wanted = name.encode("latin-1")
     found: list[bytes] = []
-    for pair in query.split(b"&"):
+    kept: list[bytes] = []
+    pairs = query.split(b"&")
+    for pair in pairs:
         key, sep, content = pair.partition(b"=")
-        if sep and unquote_to_bytes(key) == wanted and content:
+        if unquote_to_bytes(key.replace(b"+", b" ")) != wanted:
+            kept.append(pair)
+        elif sep and content:
             found.append(unquote_to_bytes(content.replace(b"+", b" ")))
-    return found
+    return found, b"&".join(kept) if len(kept) < len(pairs) else None
 
 
 def new_http_client(timeout: float) -> httpx.AsyncClient:

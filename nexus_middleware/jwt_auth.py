@@ -132,6 +132,7 @@ class JWTPolicy:
     revocation_fail_open: bool = False  # when the revocation store is down: allow (True) or 503 (False)
     realm: str | None = None
     location: TokenLocation = field(default_factory=TokenLocation)
+    close_expired_websockets: bool = True  # close an accepted websocket (1008) at its token's exp + leeway
 
     def __post_init__(self) -> None:
         if self.leeway < 0 or self.cache_ttl < 0 or self.cache_size < 0:
@@ -252,7 +253,15 @@ class JWTAuthMiddleware(BearerGate):
         self._clock = clock
         self._cache = TokenCache(policy.cache_size)
         super().__init__(
-            app, method="jwt", routes=routes, default=default, location=policy.location, realm=policy.realm
+            app,
+            method="jwt",
+            routes=routes,
+            default=default,
+            location=policy.location,
+            realm=policy.realm,
+            close_expired_websockets=policy.close_expired_websockets,
+            leeway=policy.leeway,
+            clock=clock,
         )
 
     def __repr__(self) -> str:

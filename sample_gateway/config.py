@@ -28,6 +28,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "StorageConfig",
     "TargetConfig",
     "TimeoutsConfig",
+    "TokenLocationConfig",
     "benchmark_upstream_from_environment",
     "config_from_text",
     "config_path_from_environment",
@@ -382,12 +384,40 @@ class ApiKeySourceConfig(_Model):
         return value
 
 
+_COOKIE_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an RFC 6265 cookie-name (an RFC 9110 token)
+_QUERY_NAME = re.compile(r"^[A-Za-z0-9._~-]+$")  # unreserved characters: the same encoded and decoded
+_LOCATION_NAMES = {
+    "cookie": (_COOKIE_NAME, "a cookie name (letters, digits and !#$%&'*+-.^_`|~)"),
+    "query": (_QUERY_NAME, "a query parameter name (letters, digits and ._~-)"),
+}
+
+
+class TokenLocationConfig(_Model):
+    """Where the JWT layer also reads a token (`TokenLocation`); `Authorization: Bearer` is always read.
+
+    Whatever is named here is removed before the request goes further: never forwarded, never logged.
+    """
+
+    cookie: str | None = None
+    query: str | None = None
+
+    @field_validator("cookie", "query")
+    @classmethod
+    def _name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        pattern, what = _LOCATION_NAMES[str(info.field_name)]
+        if value is not None and not pattern.fullmatch(value):
+            raise ValueError(f"{value!r} is not {what}")
+        return value
+
+
 class AuthConfig(_Model):
     """The authentication layers: JWT issuers and API keys (wired in stack.py)."""
 
     issuers: list[IssuerConfig] = Field(default_factory=list)
     api_keys: ApiKeySourceConfig | None = None
     leeway: Annotated[float, Field(ge=0)] = 30.0
+    location: TokenLocationConfig = Field(default_factory=TokenLocationConfig)
+    close_expired_websockets: bool = True  # close an accepted websocket (1008) when its JWT expires
 
 
 class StorageConfig(_Model):
@@ -438,16 +468,27 @@ class RateLimitPolicyConfig(_Model):
     def _parse(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("must list at least one limit")
-        for item in value:
-            if not re.fullmatch(r"\s*\d+\s*(/|per)\s*\d*\s*[a-z]+\s*", item):
-                raise ValueError(f"{item!r} is not a limit such as '100/minute'")
-        return value
+        return _limit_strings(value)
+
+
+def _limit_strings(value: list[str]) -> list[str]:
+    for item in value:
+        if not re.fullmatch(r"\s*\d+\s*(/|per)\s*\d*\s*[a-z]+\s*", item):
+            raise ValueError(f"{item!r} is not a limit such as '100/minute'")
+    return value
 
 
 class RateLimitsConfig(_Model):
     policies: dict[Name, RateLimitPolicyConfig] = Field(default_factory=dict)
     default: list[str] = Field(default_factory=list)  # policies applied to routes that name none
     on_storage_error: Literal["open", "closed", "local"] = "open"
+    # Messages each websocket connection may send, per window ("20/second"); beyond: close 1008.
+    websocket_messages: list[str] = Field(default_factory=list)
+
+    @field_validator("websocket_messages")
+    @classmethod
+    def _windows(cls, value: list[str]) -> list[str]:
+        return _limit_strings(value)
 
 
 class MetricsConfig(_Model):
@@ -570,6 +611,9 @@ def cross_check(config: GatewayConfig) -> list[tuple[str, str]]:
             prefix = config.admin.prefix
             if route.path == prefix or route.path.startswith(prefix + "/"):
                 problems.append((f"{where}.path", f"overlaps the admin prefix {prefix!r}"))
+    location = config.auth.location
+    if (location.cookie is not None or location.query is not None) and not config.auth.issuers:
+        problems.append(("auth.location", "needs auth.issuers: the JWT layer is what reads the token there"))
     for i, policy in enumerate(config.rate_limits.default):
         if policy not in config.rate_limits.policies:
             problems.append((f"rate_limits.default[{i}]", f"unknown rate-limit policy {policy!r}"))

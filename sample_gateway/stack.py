@@ -15,12 +15,15 @@ layers are off unless the config turns them on, so the default stack stays lean 
 - `access_log`: `AccessLogMiddleware`; `metrics.access_log`.
 - `security_headers`: `SecurityHeadersMiddleware`; `security.security_headers` (a preset, or "off").
 - `body_limit`: `BodySizeLimitMiddleware`; `security.max_body_size`, per route `routes[].max_body_size`.
-- `auth`: `JWTAuthMiddleware` (`auth.issuers`, `auth.leeway`) and `APIKeyMiddleware` (`auth.api_keys`: a
-  `MemoryAPIKeyStore` of pre-hashed `keys`, or a `RedisAPIKeyStore` for a Redis `storage`); per route
+- `auth`: `JWTAuthMiddleware` (`auth.issuers`, `auth.leeway`, `auth.location` as a `TokenLocation` whose
+  cookie and query token are stripped once read, `auth.close_expired_websockets`) and `APIKeyMiddleware`
+  (`auth.api_keys`: a `MemoryAPIKeyStore` of pre-hashed `keys`, or a `RedisAPIKeyStore` for a Redis
+  `storage`); per route
   `routes[].auth`. With both, the JWT layer is optional and the key layer answers for the route (it lets a
   JWT principal through). `IdentityHeaders` is always a proxy header hook: client-sent identity headers are
   stripped, the principal's set.
-- `rate_limits`: `RateLimitMiddleware`; `rate_limits.*`, `storage.uri_for("rate_limits")`, per route
+- `rate_limits`: `RateLimitMiddleware`; `rate_limits.*` (`rate_limits.websocket_messages` is the
+  middleware-wide `RateLimitOptions.websocket_messages`), `storage.uri_for("rate_limits")`, per route
   `routes[].rate_limits`. Fills `runtime.rate_limit_policies` (admin view and `replace_policies`).
 - `rbac`: `RBACMiddleware`; per route `routes[].roles` (any one of them).
 - `breakers`: `CircuitBreakerMiddleware(key="upstream")`, one policy per service with `services[].breaker`;
@@ -80,10 +83,12 @@ from nexus_middleware import (
     RateLimitPolicy,
     RBACMiddleware,
     RBACRule,
+    Redactor,
     RedisAPIKeyStore,
     RedisBreakerSync,
     RequestIDMiddleware,
     SecurityHeadersMiddleware,
+    TokenLocation,
     TracingMiddleware,
     get_context,
     inject_trace_headers,
@@ -93,6 +98,7 @@ from nexus_middleware.bearer import AuthMode
 from nexus_middleware.errors import ConfigurationError
 from nexus_middleware.ratelimit_backends import LimiterBackend, limiter_backend
 from nexus_middleware.ratelimit_policy import OutagePolicy
+from nexus_middleware.redaction import DEFAULT_SECRET_KEYS
 from nexus_middleware.storage import redis_client_from_url
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 from sample_gateway.config import ApiKeySourceConfig, GatewayConfig, RateLimitPolicyConfig
@@ -184,7 +190,11 @@ def _tracing(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> AS
 def _access_log(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
     if not config.metrics.access_log:
         return None
-    return AccessLogMiddleware(app, client_resolver=runtime.resolver)
+    # The JWT layer strips a query token, but a request refused before it (a 414 from the body-limit layer)
+    # still carries one: its parameter is masked like the usual secret names.
+    query = config.auth.location.query
+    redactor = None if query is None else Redactor(secret_keys=DEFAULT_SECRET_KEYS | {query})
+    return AccessLogMiddleware(app, client_resolver=runtime.resolver, redactor=redactor)
 
 
 def _security_headers(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
@@ -239,13 +249,13 @@ def _jwt(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime, **options
         )
         for issuer in config.auth.issuers
     }
-    return JWTAuthMiddleware(
-        app,
-        issuers=_issuers(config),
-        policy=JWTPolicy(leeway=config.auth.leeway),
-        jwks_caches=caches,
-        **options,
+    location = config.auth.location
+    policy = JWTPolicy(
+        leeway=config.auth.leeway,
+        location=TokenLocation(cookie=location.cookie, query=location.query),  # stripped once read
+        close_expired_websockets=config.auth.close_expired_websockets,
     )
+    return JWTAuthMiddleware(app, issuers=_issuers(config), policy=policy, jwks_caches=caches, **options)
 
 
 def _jwks_cache(url: str) -> Callable[[], JWKSCache]:
@@ -280,7 +290,12 @@ def _auth(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIA
         (path, methods, _AUTH_MODES[mode], host) for path, methods, mode, host in route_table(config, "auth")
     ]
     if all(mode == "exempt" for _, _, mode, _ in modes):
-        return None
+        location = config.auth.location
+        if location.cookie is None and location.query is None:
+            return None
+        # No route authenticates, yet a configured token cookie or query parameter is still removed: a
+        # browser sends the cookie to every path, and an upstream must never receive the credential.
+        return _jwt(app, config, runtime, routes=modes, default="exempt")
     source = config.auth.api_keys
     if source is not None:
         store = _api_key_store(config, source, runtime)
@@ -371,13 +386,18 @@ def _limiter_backend(config: GatewayConfig, runtime: GatewayRuntime) -> LimiterB
 
 
 def _rate_limits(app: ASGIApp, config: GatewayConfig, runtime: GatewayRuntime) -> ASGIApp | None:
-    if not config.rate_limits.policies:
+    messages = config.rate_limits.websocket_messages
+    if not config.rate_limits.policies and not messages:
         return None
+    options = RateLimitOptions(
+        key_prefix=config.storage.prefix + "rl:",
+        websocket_messages=";".join(messages) if messages else None,  # every websocket, on any route
+    )
     middleware = RateLimitMiddleware(
         app,
         policies=_rate_limit_policies(config, config.rate_limits.policies),
         storage=_limiter_backend(config, runtime),
-        options=RateLimitOptions(key_prefix=config.storage.prefix + "rl:"),
+        options=options,
         client_resolver=runtime.resolver,
         clock=runtime.clock,
     )

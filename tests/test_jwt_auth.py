@@ -1,5 +1,6 @@
 """JWTAuthMiddleware: RFC 8725 validation, RFC 6750 refusals, route modes, revocation, websockets."""
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -21,7 +22,7 @@ from nexus_middleware.clock import ManualClock
 from nexus_middleware.context import ANONYMOUS, get_context
 from nexus_middleware.errors import ConfigurationError, InvalidTokenError
 from nexus_middleware.storage import MemoryStore, RedisStore, redis_client_from_url
-from nexus_middleware.types import Receive, Scope, Send
+from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
 from tests.support.asgi import make_scope, run_asgi
 from tests.support.idp import AUDIENCE, ISSUER, b64, forge, mint
 from tests.support.servers import free_port
@@ -669,3 +670,295 @@ async def test_app_auth_errors_are_never_turned_into_refusals(
     assert decision is not None
     assert decision.outcome == "allow"
     assert decision.reason == (None if token else "anonymous")
+
+
+@pytest.mark.parametrize(
+    ("headers", "query", "seen_cookies", "seen_query"),
+    [
+        ([("cookie", "a=1; at=TOKEN; b=2")], b"", [b"a=1; b=2"], b""),
+        ([("cookie", "at=TOKEN"), ("cookie", "c=3")], b"", [b"c=3"], b""),  # a cookie header of its own goes
+        ([], b"room=7&access_token=TOKEN&x=%20y", [], b"room=7&x=%20y"),
+        ([], b"access%5Ftoken=TOKEN", [], b""),  # the name is compared decoded, as it is read
+        ([], b"room=7&access_token=", [], b"room=7"),  # an empty one is no token, and still removed
+    ],
+)
+async def test_a_cookie_or_query_token_is_stripped_before_the_app(
+    headers: list[tuple[str, str]],
+    query: bytes,
+    seen_cookies: list[bytes],
+    seen_query: bytes,
+    ec_key: ECKey,
+    clock: ManualClock,
+) -> None:
+    token = mint(ec_key, now=NOW)
+    seen: list[Scope] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope)
+        await whoami(scope, receive, send)
+
+    policy = JWTPolicy(location=TokenLocation(cookie="at", query="access_token"))
+    wrapped = JWTAuthMiddleware(
+        app, issuers=[issuer_for(ec_key)], policy=policy, clock=clock, default="optional"
+    )
+    scope = make_scope(
+        "/",
+        headers=[(name, value.replace("TOKEN", token)) for name, value in headers],
+        query_string=query.replace(b"TOKEN", token.encode()),
+    )
+    response = await run_asgi(wrapped, scope)
+    assert response.status == 200
+    [inner] = seen
+    assert inner is scope  # edited in place: the server's own access log sees the stripped query too
+    assert [value for name, value in inner["headers"] if name == b"cookie"] == seen_cookies
+    assert inner["query_string"] == seen_query
+    assert token.encode() not in repr(inner).encode()
+
+
+async def test_a_stripped_token_is_gone_on_exempt_routes_and_refusals_too(
+    ec_key: ECKey, clock: ManualClock
+) -> None:
+    policy = JWTPolicy(location=TokenLocation(query="access_token"))
+    app = middleware(issuer_for(ec_key), clock, policy=policy, routes=[("/public", None, "exempt")])
+    exempt = make_scope("/public", query_string=b"access_token=abc&q=1")
+    assert (await run_asgi(app, exempt)).status == 200
+    assert exempt["query_string"] == b"q=1"
+    refused = make_scope("/orders", query_string=b"access_token=not-a-jwt")
+    assert (await run_asgi(app, refused)).status == 401
+    assert refused["query_string"] == b""
+
+
+async def test_strip_false_leaves_the_credential_in_place(ec_key: ECKey, clock: ManualClock) -> None:
+    token = mint(ec_key, now=NOW)
+    policy = JWTPolicy(location=TokenLocation(cookie="at", query="access_token", strip=False))
+    app = middleware(issuer_for(ec_key), clock, policy=policy)
+    scope = make_scope("/", headers=[("cookie", f"at={token}")], query_string=b"x=1")
+    assert (await run_asgi(app, scope)).status == 200
+    assert scope["headers"] == [(b"cookie", f"at={token}".encode())]
+    scope = make_scope("/", query_string=f"access_token={token}".encode())
+    assert (await run_asgi(app, scope)).status == 200
+    assert scope["query_string"] == f"access_token={token}".encode()
+
+
+class Peer:
+    """The server side of one websocket: the test feeds `incoming`, and reads what the app sent in `sent`."""
+
+    def __init__(self) -> None:
+        self.incoming: asyncio.Queue[Message] = asyncio.Queue()
+        self.sent: asyncio.Queue[Message] = asyncio.Queue()
+
+    async def receive(self) -> Message:
+        return await self.incoming.get()
+
+    async def send(self, message: Message) -> None:
+        await self.sent.put(message)
+
+    def drained(self) -> list[Message]:
+        messages = []
+        while not self.sent.empty():
+            messages.append(self.sent.get_nowait())
+        return messages
+
+
+class Skew:
+    """Moves the manual clock and the running loop's clock together: a loop timer fires without a wait."""
+
+    def __init__(self, clock: ManualClock, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.clock = clock
+        self.offset = 0.0
+        loop = asyncio.get_running_loop()
+        real = loop.time
+        monkeypatch.setattr(loop, "time", lambda: real() + self.offset)
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.offset += seconds
+
+
+@pytest.fixture
+async def skew(clock: ManualClock, monkeypatch: pytest.MonkeyPatch) -> Skew:
+    return Skew(clock, monkeypatch)
+
+
+async def echo_until_disconnect(scope: Scope, receive: Receive, send: Send) -> None:
+    """A relay in miniature: accept, echo until a disconnect, then try to send more (it must be dropped)."""
+    await receive()
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            scope["state"]["test.disconnect"] = message
+            break
+        await send({"type": "websocket.send", "text": message["text"]})
+    await send({"type": "websocket.send", "text": "late"})
+    await send({"type": "websocket.close", "code": 1000})
+
+
+def start_session(app: ASGIApp, token: str, peer: Peer) -> tuple[Scope, asyncio.Task[None]]:
+    scope = make_scope("/ws", scope_type="websocket", headers=bearer(token))
+    scope["state"] = {}
+    peer.incoming.put_nowait({"type": "websocket.connect"})
+    return scope, asyncio.ensure_future(app(scope, peer.receive, peer.send))
+
+
+async def echoed(peer: Peer, text: str) -> None:
+    await peer.incoming.put({"type": "websocket.receive", "text": text})
+    assert await asyncio.wait_for(peer.sent.get(), 5) == {"type": "websocket.send", "text": text}
+
+
+async def test_an_accepted_websocket_is_closed_when_its_token_expires(
+    ec_key: ECKey, clock: ManualClock, skew: Skew
+) -> None:
+    app = JWTAuthMiddleware(
+        echo_until_disconnect, issuers=[issuer_for(ec_key)], policy=JWTPolicy(leeway=5), clock=clock
+    )
+    peer = Peer()
+    scope, session = start_session(app, mint(ec_key, now=NOW, ttl=120), peer)
+    assert await asyncio.wait_for(peer.sent.get(), 5) == {"type": "websocket.accept"}
+    await echoed(peer, "hello")
+    skew.advance(124)  # exp + leeway is 125 s away
+    await echoed(peer, "still open")
+    skew.advance(1)
+    await asyncio.wait_for(session, 5)
+    assert peer.drained() == [{"type": "websocket.close", "code": 1008, "reason": "The token expired"}]
+    assert scope["state"]["test.disconnect"] == {"type": "websocket.disconnect", "code": 1008}
+    assert peer.incoming.empty()  # the receive left pending at expiry was cancelled, nothing was lost
+    decision = get_context(scope).decisions[-1]
+    assert (decision.layer, decision.outcome, decision.reason) == ("auth", "deny", "expired")
+
+
+async def test_a_token_that_expires_before_accept_closes_right_after_it(
+    ec_key: ECKey, clock: ManualClock
+) -> None:
+    async def slow_accept(scope: Scope, receive: Receive, send: Send) -> None:
+        clock.advance(700)  # the app took its time: the token expired between the check and the accept
+        await echo_until_disconnect(scope, receive, send)
+
+    app = JWTAuthMiddleware(slow_accept, issuers=[issuer_for(ec_key)], clock=clock)
+    peer = Peer()
+    _, session = start_session(app, mint(ec_key, now=NOW, ttl=600), peer)
+    await asyncio.wait_for(session, 5)
+    assert [m["type"] for m in peer.drained()] == ["websocket.accept", "websocket.close"]
+
+
+@pytest.mark.parametrize("ending", ["app_closes", "client_leaves", "app_refuses"])
+async def test_a_session_that_ends_first_is_never_closed_again(
+    ending: str, ec_key: ECKey, clock: ManualClock, skew: Skew
+) -> None:
+    ended, done = asyncio.Event(), asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        if ending == "app_refuses":
+            await send({"type": "websocket.http.response.start", "status": 403, "headers": []})
+            await send({"type": "websocket.http.response.body", "body": b""})
+        else:
+            await send({"type": "websocket.accept"})
+            if ending == "app_closes":
+                await send({"type": "websocket.close", "code": 1000})
+            else:
+                assert (await receive())["type"] == "websocket.disconnect"
+        ended.set()
+        await done.wait()  # still running when the token expires
+
+    wrapped = JWTAuthMiddleware(app, issuers=[issuer_for(ec_key)], clock=clock)
+    peer = Peer()
+    _, session = start_session(wrapped, mint(ec_key, now=NOW), peer)
+    if ending == "client_leaves":
+        peer.incoming.put_nowait({"type": "websocket.disconnect", "code": 1001})
+    await asyncio.wait_for(ended.wait(), 5)
+    skew.advance(3600)  # a timer left armed would be due now, and fire while the app waits
+    done.set()
+    await asyncio.wait_for(session, 5)
+    sent = [message["type"] for message in peer.drained()]
+    assert (
+        sent
+        == {
+            "app_closes": ["websocket.accept", "websocket.close"],
+            "client_leaves": ["websocket.accept"],
+            "app_refuses": ["websocket.http.response.start", "websocket.http.response.body"],
+        }[ending]
+    )
+
+
+async def test_a_receive_the_app_gave_up_on_keeps_its_message(
+    ec_key: ECKey, clock: ManualClock, skew: Skew
+) -> None:
+    got: list[Message] = []
+
+    async def impatient(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(receive(), 0)  # cancelled while the server had nothing yet
+        await send({"type": "websocket.send", "text": "ready"})
+        got.append(await receive())
+
+    app = JWTAuthMiddleware(impatient, issuers=[issuer_for(ec_key)], clock=clock)
+    peer = Peer()
+    _, session = start_session(app, mint(ec_key, now=NOW), peer)
+    assert (await asyncio.wait_for(peer.sent.get(), 5))["type"] == "websocket.accept"
+    assert (await asyncio.wait_for(peer.sent.get(), 5))["text"] == "ready"
+    await peer.incoming.put({"type": "websocket.receive", "text": "kept"})
+    await asyncio.wait_for(session, 5)
+    assert got == [{"type": "websocket.receive", "text": "kept"}]
+
+
+async def test_expiry_close_can_be_turned_off(ec_key: ECKey, clock: ManualClock, skew: Skew) -> None:
+    policy = JWTPolicy(close_expired_websockets=False)
+    app = JWTAuthMiddleware(echo_until_disconnect, issuers=[issuer_for(ec_key)], policy=policy, clock=clock)
+    peer = Peer()
+    _, session = start_session(app, mint(ec_key, now=NOW), peer)
+    assert await asyncio.wait_for(peer.sent.get(), 5) == {"type": "websocket.accept"}
+    skew.advance(3600)
+    await echoed(peer, "long after exp")
+    await peer.incoming.put({"type": "websocket.disconnect", "code": 1000})
+    await asyncio.wait_for(session, 5)
+
+
+@pytest.mark.parametrize("scope_type", ["http", "websocket"])
+async def test_only_websockets_with_an_expiring_token_are_watched(
+    scope_type: str, ec_key: ECKey, clock: ManualClock
+) -> None:
+    # http requests, and websockets whose token has no exp, reach the app with the server's own callables.
+    calls: list[tuple[Receive, Send]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        calls.append((receive, send))
+
+    policy = JWTPolicy(require_exp=False)
+    wrapped = JWTAuthMiddleware(app, issuers=[issuer_for(ec_key)], policy=policy, clock=clock)
+    peer = Peer()
+    scope = make_scope("/", scope_type=scope_type, headers=bearer(mint(ec_key, now=NOW, exp=None)))
+    await wrapped(scope, peer.receive, peer.send)
+    assert calls == [(peer.receive, peer.send)]
+    if scope_type == "http":
+        await wrapped(make_scope("/", headers=bearer(mint(ec_key, now=NOW))), peer.receive, peer.send)
+        assert calls[1] == (peer.receive, peer.send)
+
+
+async def test_after_expiry_receive_keeps_answering_disconnect_and_a_failed_close_is_swallowed(
+    ec_key: ECKey, clock: ManualClock, skew: Skew
+) -> None:
+    after: list[Message] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        after.append(await receive())
+        after.append(await receive())  # asked again: the session is still over
+
+    class GonePeer(Peer):
+        async def send(self, message: Message) -> None:
+            if message["type"] == "websocket.close":
+                raise OSError("the client left meanwhile")  # what a server raises on a dead connection
+            await super().send(message)
+
+    wrapped = JWTAuthMiddleware(app, issuers=[issuer_for(ec_key)], clock=clock)
+    peer = GonePeer()
+    _, session = start_session(wrapped, mint(ec_key, now=NOW), peer)
+    assert await asyncio.wait_for(peer.sent.get(), 5) == {"type": "websocket.accept"}
+    skew.advance(3600)
+    await asyncio.wait_for(session, 5)  # the failed close does not fail the session
+    assert after == [{"type": "websocket.disconnect", "code": 1008}] * 2
+    assert peer.drained() == []

@@ -47,6 +47,8 @@ def test_example_config_validates_and_exercises_every_section() -> None:
     assert users.strip_prefix == "/api" and users.canary and users.auth == "required"
     assert config.routes[1].split is not None and config.routes[1].sticky is not None
     assert config.admin.api_keys[0].get_secret_value() == "change-me-admin-key"
+    assert config.auth.location.cookie == "access_token" and config.auth.close_expired_websockets
+    assert config.rate_limits.websocket_messages == ["20/second", "600/minute"]
 
 
 def test_the_example_config_wires_every_layer_it_configures() -> None:
@@ -186,6 +188,20 @@ def test_the_example_config_wires_every_layer_it_configures() -> None:
             {"auth": {"api_keys": {"keys": [{"key_id": "abcd", "owner": "o"}]}}},
             "auth.api_keys.keys",
             "needs 'secret_hash'",
+        ),
+        ({"auth": {"location": {"cookie": "at;x"}}}, "auth.location.cookie", "is not a cookie name"),
+        (
+            {"auth": {"location": {"query": "access token"}}},
+            "auth.location.query",
+            "not a query parameter name",
+        ),
+        ({"auth": {"location": {"query": ""}}}, "auth.location.query", "not a query parameter name"),
+        ({"auth": {"location": {"header": "x-token"}}}, "auth.location.header", "unknown key"),
+        ({"auth": {"location": {"query": "access_token"}}}, "auth.location", "needs auth.issuers"),
+        (
+            {"rate_limits": {"websocket_messages": ["fast"]}},
+            "rate_limits.websocket_messages",
+            "'fast' is not",
         ),
         ({"metrics": {"allow": ["10.0.0.0/33"]}}, "metrics.allow", "not an address, a CIDR or '*'"),
         ({"metrics": {"path": "metrics"}}, "metrics.path", "must start with '/'"),

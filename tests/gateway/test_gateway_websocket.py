@@ -4,6 +4,7 @@ before the upstream is contacted: `UpstreamApp.handshakes` records each handshak
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,6 +27,7 @@ from tests.gateway.support import (
     until,
     upstream,
 )
+from tests.support.idp import mint
 from tests.support.servers import free_port
 from tests.support.upstream import UpstreamApp
 
@@ -285,3 +287,126 @@ async def test_a_route_whose_methods_exclude_get_does_not_route_websockets() -> 
         await echoes(session, f"{base}/feed/x")
     assert missing.status == 404
     assert [handshake["path"] for handshake in app.handshakes] == ["/feed/x"]
+
+
+def browser_auth(auth: dict[str, Any], **location: str) -> dict[str, Any]:
+    return {**auth, "location": location}
+
+
+async def test_a_browser_websocket_authenticates_with_a_query_token_the_upstream_never_sees(
+    signing_key: ECKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    jwt = token(signing_key)["authorization"].removeprefix("Bearer ")
+    routes = [{"path": "/secure/*", "auth": "required"}]
+    async with (
+        upstream() as (url, app),
+        identity_provider(signing_key) as auth,
+        ws_gateway(
+            settings(
+                url,
+                routes=routes,
+                auth=browser_auth(auth, query="access_token"),
+                metrics={"access_log": True},
+            )
+        ) as (base, session, http),
+    ):
+        await echoes(session, f"{base}/secure/chat?room=7&access_token={jwt}&x=1")
+        missing = await refused(session, f"{base}/secure/chat?room=7")
+        answer = await http.get(f"/secure/items?access_token={jwt}&q=1")
+    assert missing.status == 401
+    [handshake] = app.handshakes
+    assert handshake["query_string"] == "room=7&x=1"
+    assert handshake_headers(app, 0, "x-auth-subject") == ["alice"]
+    assert answer.status_code == 200
+    assert answer.json()["query_string"] == "q=1"  # plain http requests lose it too
+    gateway_logs = [record.getMessage() for record in caplog.records if record.name != "httpx"]  # not ours
+    assert all(jwt not in message for message in gateway_logs)
+    assert any('"query":"q=1"' in message for message in gateway_logs)  # the access log did run
+
+
+async def test_a_browser_websocket_authenticates_with_a_cookie_the_upstream_never_sees(
+    signing_key: ECKey,
+) -> None:
+    jwt = token(signing_key)["authorization"].removeprefix("Bearer ")
+    cookies = {"cookie": f"theme=dark; access_token={jwt}; lang=en"}
+    # An `auth: none` route reads no token, and still never forwards the credential cookie.
+    routes = [{"path": "/secure/*", "auth": "required"}, {"path": "/public/*"}]
+    async with (
+        upstream() as (url, app),
+        identity_provider(signing_key) as auth,
+        ws_gateway(settings(url, routes=routes, auth=browser_auth(auth, cookie="access_token"))) as (
+            base,
+            session,
+            _,
+        ),
+    ):
+        await echoes(session, f"{base}/secure/chat", headers=cookies)
+        await echoes(session, f"{base}/public/chat", headers=cookies)
+        twice = await refused(session, f"{base}/secure/chat", headers={**cookies, **token(signing_key)})
+    assert twice.status == 400  # one token, two ways at once (RFC 6750 §2)
+    assert [handshake["path"] for handshake in app.handshakes] == ["/secure/chat", "/public/chat"]
+    for index, subject in ((0, ["alice"]), (1, [])):
+        assert handshake_headers(app, index, "cookie") == ["theme=dark; lang=en"]
+        assert handshake_headers(app, index, "x-auth-subject") == subject
+
+
+async def test_a_websocket_is_closed_with_1008_when_its_token_expires_and_its_upstream_side_too(
+    signing_key: ECKey,
+) -> None:
+    # A short-lived token (exp is a float claim) and no leeway: the session is closed about 1 s after exp.
+    expiring = {"authorization": f"Bearer {mint(signing_key, now=time.time(), exp=time.time() + 1.0)}"}
+    routes = [{"path": "/secure/*", "auth": "required"}]
+    async with (
+        upstream() as (url, app),
+        identity_provider(signing_key) as auth,
+        ws_gateway(settings(url, routes=routes, auth={**auth, "leeway": 0})) as (base, session, _),
+        session.ws_connect(f"{base}/secure/chat", headers=expiring) as ws,
+    ):
+        await ws.send_str("while valid")
+        assert await ws.receive_str(timeout=5) == "while valid"
+        closing = await ws.receive(timeout=10)
+        assert closing.type == aiohttp.WSMsgType.CLOSE
+        assert ws.close_code == 1008
+        assert closing.extra == "The token expired"
+        await until(lambda: app.websocket_closes != [])
+    assert app.websocket_closes == [1008]
+
+
+async def test_expiry_close_can_be_turned_off_in_the_config(signing_key: ECKey) -> None:
+    expiring = {"authorization": f"Bearer {mint(signing_key, now=time.time(), exp=time.time() + 1.0)}"}
+    routes = [{"path": "/secure/*", "auth": "required"}]
+    auth_off = {"leeway": 0, "close_expired_websockets": False}
+    async with (
+        upstream() as (url, _),
+        identity_provider(signing_key) as auth,
+        ws_gateway(settings(url, routes=routes, auth={**auth, **auth_off})) as (base, session, _),
+        session.ws_connect(f"{base}/secure/chat", headers=expiring) as ws,
+    ):
+        await ws.send_str("now")
+        assert await ws.receive_str(timeout=5) == "now"
+        deadline = time.time() + 1.0
+        await until(lambda: time.time() > deadline)  # past exp: the session stays open
+        await ws.send_str("after exp")
+        assert await ws.receive_str(timeout=5) == "after exp"
+
+
+async def test_a_websocket_over_its_message_rate_is_closed_with_1008_and_its_upstream_side_too() -> None:
+    limits = {"websocket_messages": ["3/minute"]}
+    async with (
+        upstream() as (url, app),
+        ws_gateway(settings(url, routes=[{"path": "/*"}], rate_limits=limits)) as (base, session, http),
+    ):
+        async with session.ws_connect(f"{base}/chat") as ws:
+            for index in range(3):
+                await ws.send_str(f"message {index}")
+                assert await ws.receive_str(timeout=5) == f"message {index}"
+            await ws.send_str("one too many")
+            closing = await ws.receive(timeout=5)
+            assert closing.type == aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == 1008
+            assert closing.extra == "message rate limit exceeded"
+            await until(lambda: app.websocket_closes != [])
+        await echoes(session, f"{base}/chat")  # each connection has a budget of its own
+        assert (await http.get("/items")).status_code == 200  # http requests are not counted
+    assert app.websocket_closes[0] == 1008

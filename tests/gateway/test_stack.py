@@ -1,6 +1,10 @@
 """stack.py: the ordered table that wires middlewares around the gateway, first entry outermost."""
 
+import json
+import logging
 from typing import Any
+
+import pytest
 
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 from sample_gateway.config import GatewayConfig, parse_config
@@ -112,3 +116,53 @@ async def test_a_route_without_policies_never_meets_the_next_matching_routes() -
     assert (await run_asgi(app, make_scope("/ops/deploy"))).status == 401
     big = make_scope("/ops/deploy", method="POST", headers=[("content-length", "10")])
     assert (await run_asgi(app, big, body=[b"x" * 10])).status == 413
+
+
+def _layers(**sections: Any) -> list[str]:
+    cfg = parse_config(
+        {
+            "services": [{"name": "s", "targets": [{"url": "http://127.0.0.1:9001"}]}],
+            "routes": [{"path": "/*", "service": "s"}],
+            "admin": {"api_keys": ["k"]},
+            **sections,
+        },
+        environ={},
+    )
+    runtime = GatewayRuntime(cfg, registry_store=MemoryRegistryStore())
+    build_stack(ok_app, cfg, runtime)
+    return runtime.layers
+
+
+def test_a_token_location_keeps_the_jwt_layer_even_when_no_route_authenticates() -> None:
+    issuers = [{"issuer": "https://i/", "jwks_url": "https://i/jwks", "audiences": ["a"]}]
+    assert "auth" not in _layers(auth={"issuers": issuers})  # nothing to read, nothing to strip
+    assert "auth" in _layers(auth={"issuers": issuers, "location": {"cookie": "access_token"}})
+
+
+def test_a_websocket_message_limit_alone_turns_the_limiter_on() -> None:
+    assert "rate_limits" not in _layers()
+    assert "rate_limits" in _layers(rate_limits={"websocket_messages": ["5/second"]})
+
+
+async def test_a_query_token_refused_before_the_jwt_layer_is_masked_in_the_access_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    issuers = [{"issuer": "https://i/", "jwks_url": "https://i/jwks", "audiences": ["a"]}]
+    cfg = parse_config(
+        {
+            "services": [{"name": "s", "targets": [{"url": "http://127.0.0.1:9001"}]}],
+            "routes": [{"path": "/*", "service": "s"}],
+            "admin": {"api_keys": ["k"]},
+            "auth": {"issuers": issuers, "location": {"query": "at"}},
+            "metrics": {"access_log": True},
+        },
+        environ={},
+    )
+    app = build_stack(ok_app, cfg, GatewayRuntime(cfg, registry_store=MemoryRegistryStore()))
+    caplog.set_level(logging.INFO, logger="nexus_middleware.access_log")
+    long_url = b"at=SECRET.TOKEN&pad=" + b"x" * 9000  # over the body-limit layer's URL cap: 414, before auth
+    assert (await run_asgi(app, make_scope("/", query_string=long_url))).status == 414
+    assert (await run_asgi(app, make_scope("/", query_string=b"at=SECRET.TOKEN&q=1"))).status == 200
+    [refused, stripped] = [json.loads(record.getMessage()) for record in caplog.records]
+    assert refused["query"].startswith("at=[REDACTED]&pad=")
+    assert stripped["query"] == "q=1"
