@@ -140,6 +140,11 @@ class ClientAddressResolver:
             f"trusted_hops={self._hops!r}, header={self._header!r})"
         )
 
+    @property
+    def trusts_proxies(self) -> bool:
+        """Whether any peer's forwarding headers can be believed (False: the client is always the peer)."""
+        return not self._peer_only
+
     def is_trusted(self, address: IPAddress) -> bool:
         return address in self._trusted
 

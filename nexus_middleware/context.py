@@ -27,6 +27,8 @@ __all__ = [
     "bind_context",
     "current_context",
     "current_request_id",
+    "enter_context",
+    "exit_context",
     "get_context",
     "peek_context",
     "publish_principal",
@@ -172,6 +174,17 @@ class _Binding:
 def bind_context(context: RequestContext) -> AbstractContextManager[RequestContext]:
     """Make `context` the current one for the code inside, restoring the previous one after, always."""
     return _Binding(context)
+
+
+def enter_context(context: RequestContext) -> Token[RequestContext | None]:
+    """`bind_context` for a layer's per-request path: make `context` current and return the token that
+    `exit_context` takes in a `finally`. Half the cost of the `with` block, which calls two methods of an
+    object built for the purpose."""
+    return _current.set(context)
+
+
+def exit_context(token: Token[RequestContext | None]) -> None:
+    _current.reset(token)
 
 
 def publish_principal(scope: Scope, principal: Principal) -> None:

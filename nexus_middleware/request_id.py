@@ -12,7 +12,14 @@ import re
 from collections.abc import Callable
 from typing import Literal
 
-from nexus_middleware.context import Decision, bind_context, current_context, get_context
+from nexus_middleware.context import (
+    Decision,
+    bind_context,
+    current_context,
+    enter_context,
+    exit_context,
+    get_context,
+)
 from nexus_middleware.errors import ConfigurationError
 from nexus_middleware.headers import contains_ctl, is_header_name
 from nexus_middleware.problem import Problem, send_problem
@@ -163,19 +170,24 @@ class RequestIDMiddleware:
 
         if self._echo:
             send = self._echoing_send(send, request_id.encode("latin-1"))
-        with bind_context(context):
+        token = enter_context(context)
+        try:
             await self.app(scope, receive, send)
+        finally:
+            exit_context(token)
 
     def _echoing_send(self, send: Send, value: bytes) -> Send:
         header = self._header
+        length = len(header)
         starts = _STARTS
 
         async def echoing_send(message: Message) -> None:
             if message["type"] in starts:
                 headers = list(message.get("headers") or ())
                 for name, _ in headers:
-                    # The app's own value wins: a second, different id would confuse clients.
-                    if name.lower() == header:
+                    # The app's own value wins: a second, different id would confuse clients. Names of
+                    # another length cannot be ours, so most are passed over without lower-casing them.
+                    if len(name) == length and name.lower() == header:
                         break
                 else:
                     headers.append((header, value))

@@ -115,7 +115,13 @@ class SecurityHeadersMiddleware:
             self.headers if force_hsts else tuple(h for h in self.headers if h[0] != _HSTS_BYTES)
         )
         self._names = frozenset(name for name, _ in self.headers)
-        self._resolver = client_resolver
+        # A response header whose name has none of these lengths cannot be one of ours: most are passed over
+        # without lower-casing them (a response carries several headers, and this runs on every one).
+        self._lengths = frozenset(len(name) for name in self._names)
+        # A resolver that trusts no proxy would only ever answer the scope's own scheme.
+        self._resolver = (
+            client_resolver if client_resolver is not None and client_resolver.trusts_proxies else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Websocket handshakes pass untouched: these headers govern how a browser treats a loaded document
@@ -132,12 +138,20 @@ class SecurityHeadersMiddleware:
             await self.app(scope, receive, send)
             return
         names = self._names
+        lengths = self._lengths
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers") or ())
-                present = {name.lower() for name, _ in headers}
-                if present.isdisjoint(names):  # the usual case: the app set none of ours, no filtering
+                present: set[bytes] | None = None
+                for name, _ in headers:
+                    if len(name) in lengths:
+                        lowered = name.lower()
+                        if lowered in names:
+                            if present is None:
+                                present = set()
+                            present.add(lowered)
+                if present is None:  # the usual case: the app set none of ours, no filtering
                     headers.extend(ours)
                 else:
                     headers.extend(header for header in ours if header[0] not in present)

@@ -13,6 +13,8 @@ from nexus_middleware.context import (
     bind_context,
     current_context,
     current_request_id,
+    enter_context,
+    exit_context,
     get_context,
     peek_context,
     publish_principal,
@@ -120,3 +122,16 @@ async def test_publish_principal_is_seen_by_starlette_request_user_and_requires(
     assert (recorded.status, recorded.body) == (200, b"alice:acme")
     denied = await run_asgi(authenticate(app, Principal("bob", method="jwt")), make_scope("/orders"))
     assert denied.status == 403
+
+
+def test_enter_and_exit_context_bind_and_restore_like_bind_context() -> None:
+    outer, inner = RequestContext(request_id="outer"), RequestContext(request_id="inner")
+    token = enter_context(outer)
+    try:
+        nested = enter_context(inner)
+        assert current_context() is inner
+        exit_context(nested)
+        assert current_context() is outer
+    finally:
+        exit_context(token)
+    assert current_context() is None

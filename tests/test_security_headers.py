@@ -215,3 +215,13 @@ async def test_only_hsts_configured_passes_plain_http_through() -> None:
     middleware = SecurityHeadersMiddleware(ok_app, headers=others)
     assert (await run_asgi(middleware, make_scope())).headers == [(b"content-type", b"text/plain")]
     assert (await run_asgi(middleware, https_scope())).header("strict-transport-security") is not None
+
+
+async def test_a_mixed_case_header_of_ours_the_app_set_is_not_duplicated() -> None:
+    # Names are compared case-insensitively even though most are passed over by their length alone.
+    app = headers_app([(b"X-Content-Type-Options", b"nosniff"), (b"Referrer-Policy", b"origin")])
+    recorded = await run_asgi(SecurityHeadersMiddleware(app), make_scope())
+    names = [k.lower() for k, _ in recorded.headers]
+    assert names.count(b"x-content-type-options") == 1
+    assert names.count(b"referrer-policy") == 1
+    assert recorded.header("x-frame-options") == "DENY"
