@@ -153,7 +153,7 @@ class ReverseProxy:
 
     - `client`: the `UpstreamClient` created in the lifespan (`create_upstream_client()`).
     - `client_resolver`: decides whether the peer is a trusted proxy whose `X-Forwarded-*` headers are kept.
-    - `via`: this hop's `Via` entry, appended on requests and responses.
+    - `via`: this hop's `Via` entry, appended on every forwarded request (RFC 9110 §7.6.3).
     - `request_id_header`: carries `get_context(scope).request_id` upstream (generated when absent).
     - `header_hooks`: called in order with the scope and the outgoing request headers, after hop-by-hop
       stripping and the gateway's own headers; each returns the list to send (identity, `traceparent`).
@@ -162,6 +162,9 @@ class ReverseProxy:
     - `server_set_headers`: response headers the ASGI server in front sets on every response itself (uvicorn
       and hypercorn add `Date` and `Server`); the upstream's are dropped so the client gets one of each,
       as nginx does. Pass `()` behind a server that adds neither.
+    - `response_via`: append this hop to `Via` on responses too. Off by default: RFC 9110 §7.6.3 lets a
+      gateway leave it out (only requests MUST carry it), nginx, Envoy and HAProxy do, and it tells clients
+      about the infrastructure behind the edge. An upstream's own `Via` passes through either way.
     - `replay_buffer_limit`: largest request body buffered so a retryable request can be replayed.
     - `retry_after`: seconds in `Retry-After` on the 503s for no target and pool exhaustion.
     - `random`, `sleep`: the jitter source and the backoff sleep, injectable so tests never wait.
@@ -177,6 +180,7 @@ class ReverseProxy:
         request_id_header: str = "x-request-id",
         header_hooks: Sequence[HeaderHook] = (),
         server_set_headers: Sequence[str] = ("date", "server"),
+        response_via: bool = False,
         replay_buffer_limit: int = REPLAY_BUFFER_LIMIT,
         retry_after: int = 1,
         random: Callable[[], float] = random.random,
@@ -195,6 +199,7 @@ class ReverseProxy:
         self._via_header = (b"via", self._via)
         self._request_id_header = _validate_header_name(request_id_header, "request_id_header")
         self._hooks = header_hooks
+        self._response_via = response_via
         self._dropped_response_names = HOP_BY_HOP_HEADERS | {
             _validate_header_name(name, "server_set_headers") for name in server_set_headers
         }
@@ -393,22 +398,24 @@ class ReverseProxy:
 
     def response_headers(self, upstream: RawHeaders) -> RawHeaders:
         """The upstream's response headers as sent to the client: hop-by-hop ones and `server_set_headers`
-        removed, `Via` appended."""
+        removed, and with `response_via`, this hop appended to `Via`."""
         out: RawHeaders = []
         connection: list[bytes] = []
-        prior_via: list[bytes] = []
+        prior_via: list[bytes] | None = [] if self._response_via else None
         for header in upstream:
             name = header[0]
             if name in self._dropped_response_names:
                 if name == b"connection":
                     connection.append(header[1])
-            elif name == b"via":
+            elif name == b"via" and prior_via is not None:
                 prior_via.append(header[1])
             else:
                 out.append(header)
         if connection:
             named = _connection_tokens(connection)
             out = [header for header in out if header[0] not in named]
+        if prior_via is None:
+            return out
         if not prior_via:
             out.append(self._via_header)
         else:

@@ -247,7 +247,7 @@ async def test_response_hop_by_hop_headers_are_stripped(upstream_client: Upstrea
         response = await client.get(f"{gw.url}/")
     assert response.text == "ok"
     assert response.headers["x-kept"] == "yes"
-    assert response.headers["via"] == "1.1 nexus"
+    assert "via" not in response.headers  # RFC 9110 §7.6.3: a gateway MAY leave Via out of responses
     for name in ("x-upstream-secret", "keep-alive", "proxy-authenticate", "trailer", "upgrade"):
         assert name not in response.headers, name
 
@@ -707,3 +707,31 @@ async def test_other_methods_are_forwarded(upstream_client: UpstreamClient, meth
     if method == "HEAD":
         assert response.content == b""
         assert int(response.headers["content-length"]) > 0
+
+
+async def via_upstream(scope: Scope, receive: Receive, send: Send) -> None:
+    headers = [(b"content-length", b"2")]
+    if scope["path"] == "/via":
+        headers.append((b"via", b"1.1 inner"))
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.mark.parametrize(
+    ("response_via", "path", "expected"),
+    [
+        (False, "/", None),
+        (False, "/via", "1.1 inner"),  # the upstream's own entry passes through untouched
+        (True, "/", "1.1 nexus"),
+        (True, "/via", "1.1 inner, 1.1 nexus"),
+    ],
+)
+async def test_response_via_is_appended_only_when_asked(
+    upstream_client: UpstreamClient, response_via: bool, path: str, expected: str | None
+) -> None:
+    async with (
+        serve(via_upstream) as url,
+        gateway(upstream_client, [target("a", url)], response_via=response_via) as gw,
+    ):
+        response = await gw.client.get(f"{gw.url}{path}")
+    assert response.headers.get("via") == expected
