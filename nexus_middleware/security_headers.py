@@ -1,9 +1,10 @@
 """Security response headers (HSTS, CSP, nosniff, framing, referrer, permissions, cross-origin policies).
 
-Two presets: `api` (the default, for JSON APIs: nothing may be loaded, framed or referred) and `html` (sane
-defaults for server-rendered pages). Any header can be overridden with a string or removed with None/False,
-and headers the preset does not know can be added the same way. A header the app already set is left alone:
-the app knows its response better than a blanket policy.
+Two presets: `api` (the default, for JSON APIs: nothing may be loaded, framed, referred or embedded) and
+`html` (sane defaults for server-rendered pages, with the document-only policies too). Any header can be
+overridden with a string or removed with None/False, and headers the preset does not know can be added the
+same way. A header the app already set is left alone: the app knows its response better than a blanket
+policy.
 
 HSTS goes only on responses to https requests (RFC 6797 §7.2: never over plain http): the scope's scheme,
 or the `X-Forwarded-Proto` (or `Forwarded: proto=`) of a peer the `client_resolver` trusts, since TLS usually
@@ -31,14 +32,15 @@ _PERMISSIONS = (
 # HSTS is composed from the hsts_* options unless overridden, so it is not part of the presets.
 PRESETS: Mapping[str, Mapping[str, str]] = MappingProxyType(
     {
+        # What acts on an API response (OWASP REST Security Cheat Sheet). Permissions-Policy and
+        # Cross-Origin-Opener-Policy govern documents that run script or open windows: a response under
+        # `default-src 'none'` runs none, so they would only be bytes on every response.
         "api": MappingProxyType(
             {
                 "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
                 "X-Content-Type-Options": "nosniff",
                 "X-Frame-Options": "DENY",
                 "Referrer-Policy": "no-referrer",
-                "Permissions-Policy": _PERMISSIONS,
-                "Cross-Origin-Opener-Policy": "same-origin",
                 "Cross-Origin-Resource-Policy": "same-origin",
             }
         ),

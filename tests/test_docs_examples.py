@@ -41,8 +41,8 @@ EXAMPLES: list[tuple[str, str, str, bytes | None, Callable[[httpx.Response], boo
         None,
         lambda r: (
             r.headers["cross-origin-resource-policy"] == "cross-origin"
-            and "permissions-policy" not in r.headers
-            and r.headers["x-frame-options"] == "DENY"
+            and "x-frame-options" not in r.headers
+            and r.headers["x-content-type-options"] == "nosniff"
         ),
     ),
     ("docs/body_limit.md", "POST", "/elsewhere", BIG, lambda r: r.status_code == 413),
