@@ -8,7 +8,6 @@ the response has not started, or a reset connection if it has (never a clean but
 
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import chain
 from typing import Any, Literal
 
 from nexus_middleware.context import get_context
@@ -93,7 +92,21 @@ class BodySizeLimitMiddleware:
         if scope_type != "http" and scope_type != "websocket":
             await self.app(scope, receive, send)
             return
-        refusal = self._head_refusal(scope)
+        # One pass over the headers for both the head limits and the body's framing: this runs on every
+        # request, and a plain loop costs half of sum(map(len, chain(...))) plus a second loop.
+        headers = scope["headers"]
+        size = 0
+        declared: bytes | None = None
+        conflicting = chunked = False
+        for name, value in headers:
+            size += len(name) + len(value)
+            if name == _CONTENT_LENGTH:
+                value = value.strip()
+                conflicting = conflicting or (declared is not None and value != declared)
+                declared = value
+            elif name == _TRANSFER_ENCODING:
+                chunked = True
+        refusal = self._head_refusal(scope, len(headers), size)
         if refusal is not None:
             await self._refuse(scope, send, *refusal)
             return
@@ -116,14 +129,17 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        declared, chunked = _body_framing(scope["headers"])
-        if declared == -1:
-            await self._refuse(scope, send, 400, "invalid_request", "The Content-Length header is invalid.")
-            return
         if declared is not None:
-            if declared > limit:
+            # RFC 9110 §8.6: digits only, and repeated values must agree.
+            if conflicting or not declared.isdigit() or not declared.isascii():
                 await self._refuse(
-                    scope, send, 413, "body_too_large", _too_large(limit), limit=limit, declared=declared
+                    scope, send, 400, "invalid_request", "The Content-Length header is invalid."
+                )
+                return
+            length = int(declared)
+            if length > limit:
+                await self._refuse(
+                    scope, send, 413, "body_too_large", _too_large(limit), limit=limit, declared=length
                 )
                 return
             # The server frames the body by Content-Length (h11, httptools and HTTP/2 servers all refuse a
@@ -137,7 +153,7 @@ class BodySizeLimitMiddleware:
             return
         await _LimitedBody(self, scope, receive, send, limit).run()
 
-    def _head_refusal(self, scope: Scope) -> tuple[int, Reason, str] | None:
+    def _head_refusal(self, scope: Scope, count: int, size: int) -> tuple[int, Reason, str] | None:
         # Plain code, not a coroutine: it runs on every request and almost always finds nothing to refuse.
         if self._max_url is not None:
             query = scope.get("query_string") or b""
@@ -145,17 +161,11 @@ class BodySizeLimitMiddleware:
             length = len(raw_path) + (len(query) + 1 if query else 0)
             if length > self._max_url:
                 return 414, "url_too_long", f"The URL is longer than {self._max_url} bytes."
-        headers = scope["headers"]
-        if self._max_header_count is not None and len(headers) > self._max_header_count:
+        if self._max_header_count is not None and count > self._max_header_count:
             return 431, "too_many_headers", f"The request has more than {self._max_header_count} headers."
-        if self._max_header_bytes is not None:
-            size = sum(map(len, chain.from_iterable(headers)))
-            if size > self._max_header_bytes:
-                return (
-                    431,
-                    "headers_too_large",
-                    f"The request headers are larger than {self._max_header_bytes} bytes.",
-                )
+        if self._max_header_bytes is not None and size > self._max_header_bytes:
+            detail = f"The request headers are larger than {self._max_header_bytes} bytes."
+            return 431, "headers_too_large", detail
         return None
 
     async def _refuse(
@@ -167,26 +177,6 @@ class BodySizeLimitMiddleware:
 
 def _too_large(limit: int) -> str:
     return f"The request body is larger than {limit} bytes."
-
-
-def _body_framing(headers: Iterable[tuple[bytes, bytes]]) -> tuple[int | None, bool]:
-    """The declared Content-Length (None when absent, -1 when invalid: RFC 9110 §8.6 wants digits only, and
-    repeated values must agree), and whether a Transfer-Encoding header is present."""
-    declared: bytes | None = None
-    chunked = False
-    for name, value in headers:
-        if name == _CONTENT_LENGTH:
-            value = value.strip()
-            if declared is not None and value != declared:
-                return -1, chunked
-            declared = value
-        elif name == _TRANSFER_ENCODING:
-            chunked = True
-    if declared is None:
-        return None, chunked
-    if not declared.isdigit() or not declared.isascii():
-        return -1, chunked
-    return int(declared), chunked
 
 
 class _LimitedBody:
