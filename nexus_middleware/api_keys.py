@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
-from urllib.parse import parse_qsl
 
 from nexus_middleware.clock import SYSTEM_CLOCK, Clock
 from nexus_middleware.context import (
@@ -36,7 +35,7 @@ from nexus_middleware.errors import (
     StorageUnavailableError,
     UnknownAPIKeyError,
 )
-from nexus_middleware.paths import INVALID_PATH, RouteEntry, RouteTable, request_path
+from nexus_middleware.paths import INVALID_PATH, RouteEntry, RouteTable, request_path, take_query_param
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import ASGIApp, Receive, Scope, Send
 
@@ -83,6 +82,7 @@ class APIKeyPolicy:
 
     header_name: str = "X-API-Key"
     query_param: str | None = None
+    strip_query: bool = True
     key_prefix: str = "nx"
     default: AuthMode = "required"
     cache_ttl: float = 5.0
@@ -585,6 +585,9 @@ class APIKeyMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        # A key in the URL is taken out of the scope before anything else runs, on every route: the app, a
+        # proxied upstream and the access log never see it (`strip_query=False` leaves it in place).
+        from_query = self._take_query(scope) if self._query_param is not None else None
         mode = self._policy.default
         if self._routes is not None:
             try:
@@ -597,7 +600,7 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         context = get_context(scope)
-        presented = self._credential(scope)
+        presented = self._credential(scope, from_query)
         if presented is None:
             if mode == "optional" or (context.principal is not None and context.principal.is_authenticated):
                 # Optional route, or another authenticator already vouched for the caller.
@@ -623,17 +626,21 @@ class APIKeyMiddleware:
         publish_principal(scope, principal)
         await self.app(scope, receive, send)
 
-    def _credential(self, scope: Scope) -> bytes | None:
+    def _take_query(self, scope: Scope) -> list[bytes]:
+        """The values of `query_param`, taken out of the query string unless `strip_query` is off."""
+        query = scope.get("query_string") or b""
+        if not query or self._query_param is None:
+            return []
+        values, rest = take_query_param(query, self._query_param)
+        if rest is not None and self._policy.strip_query:
+            scope["query_string"] = rest
+        return values
+
+    def _credential(self, scope: Scope, from_query: list[bytes] | None) -> bytes | None:
         header = self._header
         values = [value for name, value in scope.get("headers") or () if name == header]
-        if self._query_param is not None:
-            query = scope.get("query_string") or b""
-            if query:
-                values += [
-                    value.encode("latin-1", "replace")
-                    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-                    if name == self._query_param
-                ]
+        if from_query:
+            values += from_query
         if not values:
             return None
         if len(values) > 1:

@@ -14,7 +14,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import unquote_to_bytes
 
 import httpx
 
@@ -36,7 +35,7 @@ from nexus_middleware.errors import (
     VerifierUnavailableError,
 )
 from nexus_middleware.headers import get_headers
-from nexus_middleware.paths import INVALID_PATH, RouteEntry, RouteTable, request_path
+from nexus_middleware.paths import INVALID_PATH, RouteEntry, RouteTable, request_path, take_query_param
 from nexus_middleware.problem import Problem, send_problem
 from nexus_middleware.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -304,7 +303,7 @@ class BearerGate:
             if location.cookie is not None:
                 found.extend(_split_cookies(headers, location.cookie)[0])
             if location.query is not None:
-                found.extend(_split_query(scope.get("query_string", b""), location.query)[0])
+                found.extend(take_query_param(scope.get("query_string", b""), location.query)[0])
         if not found:
             return None
         if len(found) > 1:  # RFC 6750 §2: a client must not use more than one method
@@ -324,7 +323,7 @@ class BearerGate:
         if location.query is not None:
             query = scope.get("query_string", b"")
             if query:
-                values, rest = _split_query(query, location.query)
+                values, rest = take_query_param(query, location.query)
                 if rest is not None:
                     scope["query_string"] = rest
                     found.extend(values)
@@ -539,21 +538,6 @@ def _split_cookies(
         if kept:
             rest.append((b"cookie", b"; ".join(kept)))
     return found, rest if removed else None
-
-
-def _split_query(query: bytes, name: str) -> tuple[list[bytes], bytes | None]:
-    """The non-empty values of query parameter `name`, and the query without it (None when it is absent)."""
-    wanted = name.encode("latin-1")
-    found: list[bytes] = []
-    kept: list[bytes] = []
-    pairs = query.split(b"&")
-    for pair in pairs:
-        key, sep, content = pair.partition(b"=")
-        if unquote_to_bytes(key.replace(b"+", b" ")) != wanted:
-            kept.append(pair)
-        elif sep and content:
-            found.append(unquote_to_bytes(content.replace(b"+", b" ")))
-    return found, b"&".join(kept) if len(kept) < len(pairs) else None
 
 
 def new_http_client(timeout: float) -> httpx.AsyncClient:

@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
+from urllib.parse import unquote_to_bytes
 
 from nexus_middleware.context import get_context
 from nexus_middleware.errors import ConfigurationError, InvalidPathError
@@ -38,6 +39,7 @@ __all__ = [
     "request_host",
     "request_path",
     "route_host",
+    "take_query_param",
 ]
 
 # What every layer answers when `request_path` raises: one text, whichever layer saw the path first.
@@ -372,3 +374,19 @@ class RouteTable(Generic[T]):
                 return None
             methods |= entry.methods
         return frozenset(methods) if matched else frozenset()
+
+
+def take_query_param(query: bytes, name: str) -> tuple[list[bytes], bytes | None]:
+    """The non-empty values of query parameter `name` (percent-decoded), and the raw query without it (None
+    when it is absent): a credential taken from a URL must not travel on to the upstream or the logs."""
+    wanted = name.encode("latin-1")
+    found: list[bytes] = []
+    kept: list[bytes] = []
+    pairs = query.split(b"&")
+    for pair in pairs:
+        key, sep, content = pair.partition(b"=")
+        if unquote_to_bytes(key.replace(b"+", b" ")) != wanted:
+            kept.append(pair)
+        elif sep and content:
+            found.append(unquote_to_bytes(content.replace(b"+", b" ")))
+    return found, b"&".join(kept) if len(kept) < len(pairs) else None

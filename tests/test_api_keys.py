@@ -732,3 +732,31 @@ async def test_app_exceptions_propagate(manual_clock: ManualClock) -> None:
 
     with pytest.raises(LookupError, match="from the app"):
         await run_asgi(APIKeyMiddleware(failing, store=store, clock=manual_clock), key_scope(key))
+
+
+@pytest.mark.parametrize(
+    ("strip", "route", "query", "status", "seen"),
+    [
+        (True, "/x", "a=1&api_key={key}&b=2", 200, b"a=1&b=2"),  # admitted: the key never reaches the app
+        (True, "/health", "api_key={key}", 200, b""),  # exempt route: stripped all the same
+        (True, "/x", "api_key=nx_bad&b=2", 401, None),  # refused: the app is not called
+        (True, "/x", "b=2", 401, None),
+        (False, "/x", "api_key={key}&b=2", 200, b"api_key={key}&b=2"),
+    ],
+)
+async def test_a_query_key_is_taken_out_of_the_scope(
+    manual_clock: ManualClock, strip: bool, route: str, query: str, status: int, seen: bytes | None
+) -> None:
+    store = MemoryAPIKeyStore()
+    key = await issue(store, manual_clock)
+    queries: list[bytes] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        queries.append(scope["query_string"])
+        await ok_app(scope, receive, send)
+
+    policy = APIKeyPolicy(query_param="api_key", strip_query=strip)
+    middleware = APIKeyMiddleware(app, store=store, policy=policy, exempt=["/health"], clock=manual_clock)
+    recorded = await run_asgi(middleware, make_scope(route, query_string=query.format(key=key).encode()))
+    assert recorded.status == status
+    assert queries == ([] if seen is None else [seen.replace(b"{key}", key.encode())])
