@@ -24,7 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from benchmarks.load.run import APPS, _free_port, _server
+from benchmarks.load.run import APPS, _free_port, _server, uvicorn_command
 
 _REQUEST = b"GET /api/items/42 HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
 
@@ -73,27 +73,9 @@ def measure(
     port = _free_port()
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder) / "callgrind.out"
+        valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={output}"]
         process = subprocess.Popen(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--instr-atstart=no",
-                f"--callgrind-out-file={output}",
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                factory,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-                "--no-proxy-headers",
-                *uvicorn_options,
-            ],
+            valgrind + uvicorn_command(factory, port, uvicorn_options),
             env=dict(os.environ, NEXUS_BENCH_UPSTREAM=upstream_url),
             stderr=subprocess.DEVNULL,
         )

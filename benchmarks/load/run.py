@@ -80,31 +80,33 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def uvicorn_command(factory: str, port: int, uvicorn_options: list[str]) -> list[str]:
+    """How every benchmark server runs: a `uvicorn --factory` target on loopback, no access log."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        factory,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        "--no-proxy-headers",
+        *uvicorn_options,
+    ]
+
+
 @contextlib.contextmanager
 def _server(factory: str, upstream: str | None, uvicorn_options: list[str]) -> Iterator[Server]:
     port = _free_port()
     env = dict(os.environ)
     if upstream is not None:
         env["NEXUS_BENCH_UPSTREAM"] = upstream
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            factory,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-            "--no-proxy-headers",
-            *uvicorn_options,
-        ],
-        env=env,
-    )
+    process = subprocess.Popen(uvicorn_command(factory, port, uvicorn_options), env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
