@@ -44,7 +44,8 @@ _DECISIONS = {outcome: Decision("request_id", outcome) for outcome in ("accepted
 _IDS_PER_DRAW = 128
 # Bumped in a forked child: a pool filled before the fork must not hand the same ids to two processes.
 _forks = [0]
-os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
 
 
 class _RandomIds:
